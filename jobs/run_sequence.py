@@ -1,0 +1,40 @@
+"""Train a task sequence with a continual-learning method and write the R matrix report.
+
+    python jobs/run_sequence.py                       # configs/demo.yaml: offline, local Ray, tiny model
+    python jobs/run_sequence.py --config configs/cl4.yaml --set method.name=sae_fd
+    ray job submit --working-dir . -- python jobs/run_sequence.py --config ...
+
+Re-running the same command resumes after the last finished task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout or a Ray working dir
+
+from saefd_ray.config import load_config  # noqa: E402
+from saefd_ray.errors import exit_on_user_error  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="run config YAML (default: configs/demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.epochs=2 (repeatable)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    from saefd_ray.train.sequence import run_sequence
+
+    return run_sequence(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The one typed schema of a run, validated once at the edge.
+
+A run config is YAML, loaded with `load_config(path, overrides)`; `--set key.sub=value` overrides are applied
+to the raw mapping before validation, so they are checked exactly like the file. Every failure becomes a
+one-line `ConfigError` naming the key (or file) and what was expected. Nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from saefd_ray.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Strict):
+    """An offline Llama-architecture model built with random init and a locally trained BPE tokenizer."""
+
+    vocab_size: int = Field(2048, ge=256)
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(344, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(1024, ge=64)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field("tiny", description='HF hub id, local folder, or "tiny" to build the offline model')
+    tiny: TinyModelConfig = TinyModelConfig()
+    cache_dir: str = Field("~/.cache/saefd_ray", description="where the tiny model and other builds are cached")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    require_chat_template: bool = False
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+Metric = Literal["accuracy", "first_letter", "options", "rouge_l", "edit_sim", "sari"]
+
+
+class TaskConfig(Strict):
+    """One task of the sequence. `format` picks the loader; fields not used by a format must stay unset."""
+
+    name: str = Field(min_length=1)
+    format: Literal["synthetic", "trace", "cl_benchmark", "json"]
+    path: str | None = Field(None, description="folder (trace, cl_benchmark) or file (json); relative to data_root")
+    generator: str | None = Field(None, description="synthetic: name of the built-in generator")
+    family: str | None = Field(None, description="cl_benchmark: instruction family in instruction_config.json")
+    metric: Metric | None = Field(None, description="default: by format (options for classification)")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    train_file: str | None = Field(None, description="json format: train file (path is the folder)")
+    test_file: str | None = None
+    max_train: int | None = Field(None, ge=1)
+    max_test: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "TaskConfig":
+        if self.format == "synthetic" and not self.generator:
+            raise ValueError(f"task {self.name!r}: format 'synthetic' needs 'generator'")
+        if self.format in ("trace", "cl_benchmark") and not self.path:
+            raise ValueError(f"task {self.name!r}: format {self.format!r} needs 'path'")
+        if self.format == "json" and not (self.path or (self.train_file and self.test_file)):
+            raise ValueError(f"task {self.name!r}: format 'json' needs 'path' or 'train_file' and 'test_file'")
+        return self
+
+
+class TasksConfig(Strict):
+    data_root: str | None = Field(None, description="base folder for relative task paths")
+    seed: int = 0
+    sequence: list[TaskConfig] = Field(min_length=1)
+
+    @field_validator("sequence")
+    @classmethod
+    def _unique(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        seen: set[str] = set()
+        for task in tasks:
+            if task.name in seen:
+                raise ValueError(f"duplicate task name {task.name!r} in the sequence")
+            seen.add(task.name)
+        return tasks
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(1, ge=1)
+    epochs_per_task: dict[str, int] = Field(default_factory=dict, description="overrides epochs per task name")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="micro-batch per worker")
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    max_prompt_len: int = Field(256, ge=8)
+    max_answer_len: int = Field(64, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="steps between in-task checkpoints (0: end of task only)")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class DistributedConfig(Strict):
+    num_workers: int | tuple[int, int] = Field(2, description="N, or [min, max] for elastic training")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    max_failures: int = Field(1, ge=0)
+    ray_address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        lo, hi = (value, value) if isinstance(value, int) else value
+        if lo < 1 or hi < lo:
+            raise ValueError(f"num_workers must be >= 1 (or [min, max] with 1 <= min <= max), got {value}")
+        return value
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class OutputConfig(Strict):
+    root: str = "runs"
+    run_name: str = "demo"
+
+
+class MethodBase(Strict):
+    pass
+
+
+class SeqLora(MethodBase):
+    name: Literal["seq_lora"] = "seq_lora"
+
+
+class PerTask(MethodBase):
+    name: Literal["per_task"] = "per_task"
+
+
+class Mtl(MethodBase):
+    name: Literal["mtl"] = "mtl"
+
+
+class Ewc(MethodBase):
+    name: Literal["ewc"] = "ewc"
+    weight: float = Field(1000.0, ge=0, description="λ in 0.5·λ·Σ F_i (θ_i − θ*_i)²")
+    fisher_batches: int = Field(16, ge=1)
+
+
+class L2(MethodBase):
+    name: Literal["l2"] = "l2"
+    weight: float = Field(1.0, ge=0)
+
+
+class Lwf(MethodBase):
+    name: Literal["lwf"] = "lwf"
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class OLora(MethodBase):
+    name: Literal["o_lora"] = "o_lora"
+    lambda_orth: float = Field(0.5, ge=0)
+    lambda_l2: float = Field(0.0, ge=0)
+
+
+class Replay(MethodBase):
+    name: Literal["replay"] = "replay"
+    fraction: float = Field(0.2, gt=0, le=1, description="share of each batch drawn from earlier tasks")
+    buffer_per_task: int = Field(64, ge=1)
+
+
+class SaeSource(Strict):
+    path: str | None = Field(None, description="SAELens or sparsify folder; None: train one with jobs/train_sae.py")
+    layer: int = Field(1, ge=0)
+
+
+class SaeFd(MethodBase):
+    name: Literal["sae_fd"] = "sae_fd"
+    sae: SaeSource = SaeSource()
+    rho: float = Field(0.15, description="contribution ratio of λ·L_FD in the total loss")
+    ema_alpha: float = Field(0.05, gt=0, le=1)
+    lambda_init: float = Field(1.0, gt=0)
+    lambda_clip: tuple[float, float] = (0.2, 10.0)
+    beta: float = Field(1.0, ge=0, description="weight of the magnitude term")
+    eps: float = Field(1e-6, gt=0, description="tokens with code norm below eps skip the cosine term")
+    anchor_size: int = Field(32, description="anchor instances stored per finished task")
+    anchor_selection: Literal["random", "diverse"] = "random"
+    anchor_batch: int = Field(4, ge=1, description="anchor instances per training step")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"rho must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("anchor_size")
+    @classmethod
+    def _anchor_size(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"anchor_size must be > 0, got {value}")
+        return value
+
+
+class SaeReg(MethodBase):
+    name: Literal["sae_reg"] = "sae_reg"
+    sae: SaeSource = SaeSource()
+    layers: list[int] | None = Field(None, description="default: the SAE's layer")
+    knn_k: int = Field(8, ge=0)
+    stability_budget: float = Field(0.05, ge=0)
+    plasticity_threshold: float = Field(0.05, ge=0)
+    weight_protect: float = Field(1.0, ge=0)
+    weight_guide: float = Field(0.1, ge=0)
+    high_mask_quantile: float = Field(0.9, gt=0, lt=1)
+
+
+MethodConfig = Annotated[
+    Union[SeqLora, PerTask, Mtl, Ewc, L2, Lwf, OLora, Replay, SaeFd, SaeReg], Field(discriminator="name")
+]
+
+
+class RunConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    tasks: TasksConfig
+    training: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    method: MethodConfig = SeqLora()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.root).expanduser().resolve() / self.output.run_name
+
+    def data_path(self, relative: str) -> Path:
+        """Resolve a task path against tasks.data_root (absolute paths pass through)."""
+        path = Path(relative).expanduser()
+        if not path.is_absolute() and self.tasks.data_root:
+            path = Path(self.tasks.data_root).expanduser() / path
+        return path.resolve()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML, so `3`, `true`, `[1,2]` get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth])} is not a mapping")
+            node = node.setdefault(key, {})
+        last = keys[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {text!r}: {'.'.join(keys[:-1])} is not a mapping")
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "missing required key"
+        elif "input" in first and first["type"] not in ("value_error",):
+            message = f"{message} (got {first['input']!r})"
+        raise ConfigError(f"{source}: {loc}: {message}") from None
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the discriminator value (e.g. 'sae_fd') into error locations; hide it from users."""
+    return part in {"seq_lora", "per_task", "mtl", "ewc", "l2", "lwf", "o_lora", "replay", "sae_fd", "sae_reg"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    config = validate(raw, source=str(path))
+    _check_paths(config, str(path))
+    return config
+
+
+def _check_paths(config: RunConfig, source: str) -> None:
+    """Missing data files are config errors: reject them before any Ray worker starts."""
+    for index, task in enumerate(config.tasks.sequence):
+        for field in ("path", "train_file", "test_file"):
+            value = getattr(task, field)
+            if value and not config.data_path(value).exists():
+                raise ConfigError(f"{source}: tasks.sequence.{index}.{field}: {config.data_path(value)} not found")
+    name = config.model.name_or_path
+    if name != "tiny" and (name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()):
+        raise ConfigError(f"{source}: model.name_or_path: {name} not found")

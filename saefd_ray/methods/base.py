@@ -1,0 +1,96 @@
+"""The interface every continual-learning method implements, and the default (SeqLoRA) behaviour.
+
+The training loop knows nothing about methods beyond these hooks, called in this order for task t:
+
+    driver   training_examples(t, tasks, state_dir)  which examples train task t (replay, multi-task)
+    worker   prepare_model(model, ctx)                 wrap the base model in LoRA (o_lora, per_task differ)
+             load_state(ctx)                          read what earlier tasks left in ctx.state_in
+             regularizer(model, batch, task_loss)     extra loss term + scalars to log, every step
+             after_task(model, ctx)                   compute and write this task's state into ctx.state_out
+
+State lives in plain files under the task's checkpoint (safetensors / JSON), so a resumed sequence continues
+exactly. A method that adds nothing (seq_lora) is this class as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from saefd_ray.config import RunConfig
+from saefd_ray.data.tasks import Example, Task
+
+ADAPTER = "adapter"
+
+
+@dataclass
+class TaskContext:
+    """What a worker knows about the task being trained."""
+
+    config: RunConfig
+    task_index: int  # 0-based position in the sequence
+    task_names: list[str]
+    model_path: str
+    tokenizer: Any
+    state_in: Path | None  # previous task's checkpoint folder (None for the first task)
+    state_out: Path  # this task's checkpoint folder being written (rank 0 writes)
+    train_examples: list[Example] = field(default_factory=list)
+    past_tasks: list[Task] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # mean over workers
+
+
+class Method:
+    """SeqLoRA: one LoRA adapter trained through the sequence with nothing added."""
+
+    name = "seq_lora"
+    fresh_adapter_per_task = False  # per_task / o_lora start each task from a new adapter
+    joint_training = False  # mtl trains once on all tasks
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.cfg = config.method
+
+    # ---------------------------------------------------------------- driver side
+    def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
+        return tasks[task_index].train
+
+    # ---------------------------------------------------------------- worker side
+    def prepare_model(self, model: nn.Module, ctx: TaskContext) -> nn.Module:
+        """LoRA-wrap the base model; continue from the previous task's adapter unless told otherwise."""
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        lora = self.config.lora
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+        if ctx.state_in is not None and not self.fresh_adapter_per_task:
+            set_peft_model_state_dict(model, load_adapter_weights(ctx.state_in / ADAPTER))
+        return model
+
+    def load_state(self, ctx: TaskContext) -> None:
+        """Read state written by earlier tasks (nothing for SeqLoRA)."""
+
+    def regularizer(self, model: nn.Module, batch: dict, task_loss: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """Extra loss for this step (None for none) and scalars to log."""
+        return None, {}
+
+    def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
+        """Compute this task's state (Fisher, anchors, masks...) and write it into ctx.state_out on rank 0."""
+
+
+def load_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))

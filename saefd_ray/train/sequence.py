@@ -1,0 +1,176 @@
+"""The driver: train a task sequence with one Ray Train `TorchTrainer` per task, and build the R matrix.
+
+The driver holds no model. For each task it starts a trainer whose workers rebuild the model from the base
+weights and the previous task's checkpoint, train, score every task's test split and report a checkpoint.
+Finished tasks live under `<run_dir>/tasks/<NN>-<name>/`, published by an atomic rename once complete, so
+re-running the same command resumes after the last finished task and a half-written folder is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from saefd_ray.config import RunConfig
+from saefd_ray.data.tasks import Task, load_tasks
+from saefd_ray.errors import CheckpointError
+from saefd_ray.io import atomic_write_text, sha256_file
+from saefd_ray.methods import build_method
+from saefd_ray.models.loading import resolve_model_path
+from saefd_ray.train.worker import ROW_FILE, train_task
+
+CONFIG_FILE = "config.json"
+MANIFEST = "MANIFEST.json"  # written last into a task folder: its presence means "complete"
+
+
+def fingerprint(config: RunConfig) -> str:
+    """What must not change between a run and its resume: everything but the output location and workers."""
+    data = config.model_dump(mode="json", exclude={"output": True, "distributed": {"ray_address", "max_failures"}})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    run_dir = config.run_dir
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        previous = json.loads(saved.read_text()).get("fingerprint")
+        if previous != fingerprint(config):
+            raise CheckpointError(
+                f"{run_dir}: written by a different config; refusing to resume. Start fresh with "
+                f"--set output.run_name=<new name>, or delete {run_dir}"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, json.dumps({"fingerprint": fingerprint(config), "config": config.model_dump(mode="json")}))
+    return run_dir
+
+
+def task_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / "tasks" / f"{index + 1:02d}-{name}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A task folder counts only if its manifest exists and every listed file matches its checksum."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((folder / name).exists() and sha256_file(folder / name) == digest for name, digest in files.items())
+
+
+def publish(checkpoint_dir: Path, target: Path) -> None:
+    """Copy a reported checkpoint into the run dir: stage, checksum, manifest, then one atomic rename."""
+    staging = target.with_name(f".staging-{target.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, staging)
+    files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    atomic_write_text(staging / MANIFEST, json.dumps({"files": files}, indent=1))
+    if target.exists():  # an incomplete leftover from a crash: never loaded, replaced now
+        shutil.rmtree(target)
+    os.rename(staging, target)
+
+
+def tokenizer_corpus(tasks: list[Task], per_task: int = 200) -> list[str]:
+    """Texts the offline tiny model's tokenizer is trained on (ignored for real models)."""
+    return [text for task in tasks for e in task.train[:per_task] for text in (e.prompt, e.answer)]
+
+
+def init_ray(config: RunConfig) -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
+    excludes = ["runs/", ".venv*/", "bench/cache/", "*.safetensors", ".git/"]
+    ray.init(address=address, runtime_env={"excludes": excludes} if address else None, log_to_driver=True)
+
+
+def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
+             examples, score_base: bool) -> Path:
+    """Train task `index` on Ray Train; returns the local folder of its reported checkpoint."""
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    dist = config.distributed
+    workers = dist.num_workers if isinstance(dist.num_workers, int) else tuple(dist.num_workers)
+    trainer = TorchTrainer(
+        train_task,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "task_index": index,
+            "tasks": tasks,
+            "model_path": model_path,
+            "state_in": str(state_in) if state_in else None,
+            "train_examples": examples,
+            "score_base": score_base,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
+        ),
+        run_config=RayRunConfig(
+            name=f"{config.output.run_name}-task{index + 1:02d}",
+            storage_path=str(config.run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"task {tasks[index].name!r}: training finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def run_sequence(config: RunConfig) -> dict:
+    """Train every task in order (resuming after the last finished one) and write the report."""
+    from saefd_ray.eval.report import print_r_matrix, write_report
+    from saefd_ray.eval.summary import summarize
+
+    started = time.time()
+    run_dir = prepare_run_dir(config)
+    tasks = load_tasks(config)
+    method = build_method(config)
+    model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
+    init_ray(config)
+
+    names = [t.name for t in tasks]
+    stages = [0] if method.joint_training else list(range(len(tasks)))
+    rows: list[list[float]] = []
+    timings: dict[str, float] = {}
+    state_in: Path | None = None
+    for index in stages:
+        label = "all" if method.joint_training else names[index]
+        folder = task_dir(run_dir, index, label)
+        if is_complete(folder):
+            print(f"task {index + 1}/{len(tasks)} {label}: finished earlier, not trained again")
+        else:
+            began = time.time()
+            examples = method.training_examples(index, tasks, state_in)
+            print(f"task {index + 1}/{len(tasks)} {label}: training on {len(examples)} examples")
+            checkpoint = run_task(config, index, tasks, model_path, state_in, examples, score_base=index == 0)
+            publish(checkpoint, folder)
+            timings[f"task_{label}_s"] = round(time.time() - began, 2)
+        metrics = json.loads((folder / ROW_FILE).read_text())
+        if index == 0:
+            rows.append(metrics["base_row"])
+        rows.append(metrics["row"])
+        state_in = folder
+
+    results = {
+        "method": config.method.name,
+        "model": config.model.name_or_path,
+        "tasks": names,
+        "r_matrix": rows,
+        "summary": summarize(rows, names),
+        "timings": {"total_s": round(time.time() - started, 2), **timings},
+        "config": config.model_dump(mode="json"),
+    }
+    write_report(run_dir, results)
+    print_r_matrix(results)
+    print(f"results: {run_dir / 'results.json'}")
+    return results

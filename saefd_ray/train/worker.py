@@ -1,0 +1,221 @@
+"""The Ray Train worker loop: train one task with DeepSpeed ZeRO + LoRA, then score the R-matrix row.
+
+One call trains one task of the sequence. It rebuilds the model from the base weights plus the previous
+task's checkpoint (so any worker, on any node, can run any task), asks the method for its extra loss every
+step, and ends by writing the task checkpoint — adapter, method state, the R row — through
+`ray.train.report`. Mid-task checkpoints (every `training.checkpoint_every` steps) let Ray restart a killed
+worker group from the last one instead of from the task's start.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+
+from saefd_ray.config import RunConfig
+from saefd_ray.data.render import collate, encode
+from saefd_ray.data.tasks import Example, Task
+from saefd_ray.errors import NonFiniteLossError
+from saefd_ray.methods.base import ADAPTER, TaskContext
+from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
+
+ROW_FILE = "row.json"
+PROGRESS_FILE = "progress.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shard_batches(items: list, batch_size: int, rank: int, world: int, seed: int) -> list[list]:
+    """This rank's batches for one epoch: a seeded shuffle, an equal share per rank, length-sorted windows.
+
+    Every rank gets the same number of batches (the remainder is dropped), since ZeRO's collectives need
+    lock-step. Sorting by length inside windows of 16 batches keeps padding small without losing randomness.
+    """
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    per_rank = len(order) // world
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(mine) - batch_size + 1, window):
+        chunk = sorted(mine[start : start + window], key=lambda i: len(items[i].input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    random.Random(seed + 1).shuffle(batches)
+    return [[items[i] for i in batch] for batch in batches]
+
+
+def train_task(loop: dict) -> None:
+    """Ray Train entry point. `loop` holds the run config, the task index and the examples (see sequence.py)."""
+    config = RunConfig.model_validate(loop["config"])
+    select_accelerator(config.distributed.use_gpu)
+    from saefd_ray.eval.scoring import score_row
+    from saefd_ray.methods import build_method
+    from saefd_ray.models.loading import load_model, load_tokenizer
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device(f"cuda:{context.get_local_rank()}" if config.distributed.use_gpu else "cpu")
+    if config.distributed.use_gpu:
+        torch.cuda.set_device(device)
+    task_index: int = loop["task_index"]
+    tasks: list[Task] = loop["tasks"]
+    seed_everything(config.training.seed + 1000 * task_index)
+
+    tokenizer = load_tokenizer(loop["model_path"])
+    model = load_model(loop["model_path"], config.model.dtype)
+    method = build_method(config)
+    workdir = Path(tempfile.mkdtemp(prefix="saefd-task-"))
+    ctx = TaskContext(
+        config=config,
+        task_index=task_index,
+        task_names=[t.name for t in tasks],
+        model_path=loop["model_path"],
+        tokenizer=tokenizer,
+        state_in=Path(loop["state_in"]) if loop["state_in"] else None,
+        state_out=workdir,
+        train_examples=loop["train_examples"],
+        past_tasks=tasks[:task_index],
+        rank=rank,
+        world_size=world,
+        device=device,
+        all_reduce=_mean_all_reduce,
+    )
+    model = method.prepare_model(model, ctx)
+    method.load_state(ctx)
+    model.to(device)
+
+    encoded = [
+        encode(tokenizer, e, config.training.max_prompt_len, config.training.max_answer_len)
+        for e in ctx.train_examples
+    ]
+    epochs = config.training.epochs_per_task.get(tasks[task_index].name, config.training.epochs)
+    steps_per_epoch = len(shard_batches(encoded, config.training.batch_size, rank, world, 0))
+    if steps_per_epoch == 0:
+        raise ValueError(f"task {tasks[task_index].name!r}: too few examples for batch size and {world} workers")
+    engine = create_engine(model, config, max(1, epochs * steps_per_epoch // config.training.grad_accum))
+
+    base_row = None
+    if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
+        base_row = score_row(engine.module, tokenizer, tasks, config, device)
+
+    start_epoch, start_step = _restore(engine, method)
+    step_time, losses = [], []
+    for epoch in range(start_epoch, epochs):
+        batches = shard_batches(encoded, config.training.batch_size, rank, world, config.training.seed * 7919 + epoch)
+        for step, items in enumerate(batches):
+            if epoch == start_epoch and step < start_step:
+                continue
+            began = time.perf_counter()
+            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
+            task_loss = engine(**batch).loss
+            extra, logs = method.regularizer(engine.module, batch, task_loss)
+            total = task_loss if extra is None else task_loss + extra
+            if not torch.isfinite(total):
+                if _nonfinite(config, tasks[task_index].name, epoch, step, task_loss, extra):
+                    continue
+            engine.backward(total)
+            engine.step()
+            step_time.append(time.perf_counter() - began)
+            losses.append(float(task_loss))
+            every = config.training.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < len(batches):
+                _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
+        if rank == 0 and losses:
+            print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(batches):]):.4f}")
+
+    method.after_task(engine.module, ctx)
+    row = score_row(engine.module, tokenizer, tasks, config, device)
+    adapter = trainable_state(engine.module, config.distributed.zero_stage)
+    metrics = {
+        "row": row,
+        "base_row": base_row,
+        "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
+        "first_loss": float(losses[0]) if losses else None,
+        "median_step_s": float(np.median(step_time)) if step_time else None,
+        "steps": len(losses),
+    }
+    checkpoint = None
+    if rank == 0:
+        _write_task_checkpoint(engine.module, adapter, workdir, metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(str(workdir))
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _mean_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def _nonfinite(config: RunConfig, task: str, epoch: int, step: int, task_loss, extra) -> bool:
+    """True: skip this step. Otherwise raise, naming the task, step and the loss term that went bad."""
+    term = "task loss" if not torch.isfinite(task_loss) else "regularizer"
+    if config.training.on_nonfinite == "skip":
+        print(f"warning: task {task!r} epoch {epoch + 1} step {step}: non-finite {term}, step skipped", flush=True)
+        return True
+    value = float(task_loss) if term == "task loss" else float(extra)
+    raise NonFiniteLossError(
+        f"task {task!r} epoch {epoch + 1} step {step}: {term} is {value}; stopped, last good checkpoint kept"
+    )
+
+
+def _write_task_checkpoint(model, adapter: dict, folder: Path, metrics: dict) -> None:
+    """adapter/ as a peft folder (safetensors), plus the row; method state was written by after_task."""
+    from safetensors.torch import save_file
+
+    (folder / ADAPTER).mkdir(parents=True, exist_ok=True)
+    peft_names = {_peft_key(name): tensor for name, tensor in adapter.items()}
+    save_file(peft_names, str(folder / ADAPTER / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(folder / ADAPTER))
+    (folder / ROW_FILE).write_text(json.dumps(metrics))
+
+
+def _peft_key(name: str) -> str:
+    """peft's on-disk key: the parameter name without the adapter name (what save_pretrained writes)."""
+    return name.replace(".default.weight", ".weight").replace(".default.bias", ".bias")
+
+
+def _report_progress(engine, method, epoch: int, step: int, rank: int, config, logs: dict, losses: list) -> None:
+    """A mid-task checkpoint: DeepSpeed's own (per-rank ZeRO optimizer shards, LoRA weights only) + position.
+
+    Every rank writes its shard into a folder of the same name and reports it; Ray merges the ranks' files
+    into one checkpoint, so this works across nodes too.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="saefd-progress-"))
+    engine.save_checkpoint(str(folder), tag="ds", exclude_frozen_parameters=True)
+    if rank == 0:
+        position = {"epoch": epoch, "step": step, "method": getattr(method, "progress_state", lambda: None)()}
+        torch.save(position, folder / PROGRESS_FILE)
+    checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    ray.train.report({"epoch": epoch, "step": step, "loss": losses[-1], **logs}, checkpoint=checkpoint)
+
+
+def _restore(engine, method) -> tuple[int, int]:
+    """Continue from Ray's latest mid-task checkpoint after a worker failure; (0, 0) on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / PROGRESS_FILE).exists():
+            return 0, 0
+        position = torch.load(Path(folder) / PROGRESS_FILE, weights_only=False)
+        engine.load_checkpoint(folder, tag="ds", load_module_strict=False)
+    if position.get("method") is not None and hasattr(method, "load_progress_state"):
+        method.load_progress_state(position["method"])
+    print(f"resumed from mid-task checkpoint: epoch {position['epoch'] + 1} step {position['step']}", flush=True)
+    return position["epoch"], position["step"]
