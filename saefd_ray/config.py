@@ -33,6 +33,9 @@ class TinyModelConfig(Strict):
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     max_position_embeddings: int = Field(1024, ge=64)
+    embedding_std: float = Field(0.1, gt=0, description="init std of the (tied) embeddings; larger than HF's "
+                                 "0.02 so that a random unembedding gives logits LoRA can move")
+    pretrain_epochs: int = Field(4, ge=0, description="seconds of full pre-training on held-out synthetic rules")
     seed: int = 0
 
 
@@ -85,6 +88,21 @@ class TasksConfig(Strict):
     data_root: str | None = Field(None, description="base folder for relative task paths")
     seed: int = 0
     sequence: list[TaskConfig] = Field(min_length=1)
+    orders: dict[str, list[str]] = Field(default_factory=dict, description="named task orders (e.g. O-LoRA's 1-3)")
+    order: str | None = Field(None, description="which of `orders` to train in; None: the sequence as written")
+
+    @model_validator(mode="after")
+    def _reorder(self) -> "TasksConfig":
+        if self.order is None:
+            return self
+        if self.order not in self.orders:
+            raise ValueError(f"order {self.order!r} is not one of orders: {', '.join(self.orders) or '(none)'}")
+        by_name = {task.name: task for task in self.sequence}
+        wanted = self.orders[self.order]
+        if sorted(wanted) != sorted(by_name):
+            raise ValueError(f"order {self.order!r} must list exactly the sequence's tasks {sorted(by_name)}")
+        object.__setattr__(self, "sequence", [by_name[name] for name in wanted])
+        return self
 
     @field_validator("sequence")
     @classmethod
@@ -201,13 +219,22 @@ class SaeFd(MethodBase):
     eps: float = Field(1e-6, gt=0, description="tokens with code norm below eps skip the cosine term")
     anchor_size: int = Field(32, description="anchor instances stored per finished task")
     anchor_selection: Literal["random", "diverse"] = "random"
-    anchor_batch: int = Field(4, ge=1, description="anchor instances per training step")
+    anchor_batch: int = Field(2, ge=1, description="anchor instances per training step (sampled from all earlier "
+                              "tasks' anchors; its forward stops at the SAE layer, so its cost is ~anchor_batch/"
+                              "batch_size · (layer+1)/num_layers of a training step)")
 
     @field_validator("rho")
     @classmethod
     def _rho(cls, value: float) -> float:
         if not 0 < value < 1:
             raise ValueError(f"rho must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("lambda_clip")
+    @classmethod
+    def _clip(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"lambda_clip must be [low, high] with 0 < low <= high, got {list(value)}")
         return value
 
     @field_validator("anchor_size")
@@ -220,14 +247,25 @@ class SaeFd(MethodBase):
 
 class SaeReg(MethodBase):
     name: Literal["sae_reg"] = "sae_reg"
-    sae: SaeSource = SaeSource()
-    layers: list[int] | None = Field(None, description="default: the SAE's layer")
-    knn_k: int = Field(8, ge=0)
-    stability_budget: float = Field(0.05, ge=0)
-    plasticity_threshold: float = Field(0.05, ge=0)
+    sae: SaeSource | list[SaeSource] = Field(SaeSource(), description="one SAE, or a list: one per layer")
+    knn_k: int = Field(8, ge=0, description="mask spread to the k nearest features by decoder cosine (0: none)")
+    stability_budget: float = Field(0.05, ge=0, description="relative drift protected features may have for free")
+    plasticity_threshold: float = Field(0.05, ge=0, description="relative drift task features should reach")
     weight_protect: float = Field(1.0, ge=0)
     weight_guide: float = Field(0.1, ge=0)
-    high_mask_quantile: float = Field(0.9, gt=0, lt=1)
+    high_mask_quantile: float = Field(0.9, gt=0, lt=1, description="features above this mask quantile are guided")
+    mask_examples: int = Field(256, ge=1, description="task instances the mask is computed from")
+
+    @field_validator("sae")
+    @classmethod
+    def _layers(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("sae: give at least one SAE")
+            layers = [s.layer for s in value]
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"sae: one SAE per layer, got layers {layers}")
+        return value
 
 
 MethodConfig = Annotated[

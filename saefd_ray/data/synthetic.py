@@ -1,8 +1,9 @@
 """The built-in offline task family: small classification tasks a tiny model learns in a minute.
 
-Every task reads the same kind of input — a key word from one shared lexicon of nonce words, followed by
-distractor words — and answers with one of the same four group labels. What differs is the rule: each task
-assigns the key words to groups by its own seeded permutation. The tasks are therefore learnable together
+Every task reads the same kind of input — five nonce words from one shared lexicon — and answers with one of
+the same four direction labels: the direction that most of the words point to. What differs is the rule:
+each task assigns the words to directions by its own seeded permutation. (A majority over a bag of words is
+what even a random-init transformer's near-uniform attention can read, so LoRA learns it in a minute.) The tasks are therefore learnable together
 (the prompt names the rule, so a multi-task model can solve all of them) but interfere when learned in
 sequence: training rule B moves the very features rule A relied on, so forgetting is visible in the R matrix.
 """
@@ -17,9 +18,9 @@ from saefd_ray.errors import DataError
 
 LABELS = ["north", "south", "east", "west"]
 _SYLLABLES = ["ka", "lo", "mi", "tu", "re", "zo", "pa", "ni", "su", "ve", "do", "bi"]
-LEXICON = sorted({a + b for a in _SYLLABLES for b in _SYLLABLES if a != b})[:48]
+LEXICON = sorted({a + b for a in _SYLLABLES for b in _SYLLABLES if a != b})[::4][:32]
 GENERATORS = ("rule_a", "rule_b", "rule_c", "rule_d", "rule_e", "rule_f")
-TRAIN_SIZE, TEST_SIZE, DISTRACTORS = 384, 96, 2
+TRAIN_SIZE, TEST_SIZE, WORDS, MAJORITY = 384, 96, 5, 3
 
 
 def group_of(generator: str) -> dict[str, str]:
@@ -32,13 +33,15 @@ def group_of(generator: str) -> dict[str, str]:
 
 def _examples(generator: str, count: int, rng: random.Random) -> list[Example]:
     mapping = group_of(generator)
+    by_label = {label: [w for w in LEXICON if mapping[w] == label] for label in LABELS}
     rule = generator.replace("_", " ")
     examples = []
     for _ in range(count):
-        key = rng.choice(LEXICON)
-        distractors = " ".join(rng.choice(LEXICON) for _ in range(DISTRACTORS))
-        prompt = f"Under {rule}, which direction does the first word point to? Words: {key} {distractors}"
-        examples.append(Example(prompt, mapping[key]))
+        label = rng.choice(LABELS)
+        others = [w for w in LEXICON if mapping[w] != label]
+        words = rng.sample(by_label[label], MAJORITY) + rng.sample(others, WORDS - MAJORITY)
+        rng.shuffle(words)
+        examples.append(Example(f"{rule}: {' '.join(words)}", label))
     return examples
 
 
@@ -53,5 +56,5 @@ def load_synthetic(spec: TaskConfig) -> Task:
 
 def corpus_text() -> list[str]:
     """Text the offline tokenizer is trained on: every prompt and label the generators can produce."""
-    lines = [f"Under {g.replace('_', ' ')}, which direction does the first word point to? Words:" for g in GENERATORS]
-    return lines + [" ".join(LEXICON), " ".join(LABELS)]
+    roles = "system user assistant"  # chat-template role names, so they are single tokens
+    return [f"{g.replace('_', ' ')}:" for g in GENERATORS] + [" ".join(LEXICON), " ".join(LABELS), roles]

@@ -56,7 +56,13 @@ def build_tiny_model(cfg: TinyModelConfig, texts: list[str], cache_dir: str | Pa
             eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=True,
         )
-        LlamaForCausalLM(model_config).save_pretrained(staging)
+        model = LlamaForCausalLM(model_config)
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.embedding_std)
+        if cfg.pretrain_epochs:
+            from saefd_ray.models.pretrain import pretrain_on_synthetic
+
+            pretrain_on_synthetic(model, tokenizer, cfg.pretrain_epochs, cfg.seed)
+        model.save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished first: theirs is identical

@@ -1,0 +1,53 @@
+"""Shared fixtures: one local Ray cluster and one tiny model for the whole test session.
+
+Starting Ray costs seconds and building the tiny model a few more, so both are session-scoped. Tests use the
+real components (Ray, DeepSpeed, peft, Ray Data) on CPU; nothing here mocks them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(cache_dir) -> str:
+    """A tiny Llama (hidden 64, 2 layers) with a tokenizer trained on the synthetic tasks' text."""
+    from saefd_ray.config import TinyModelConfig
+    from saefd_ray.data.synthetic import corpus_text
+    from saefd_ray.models.tiny import build_tiny_model
+
+    cfg = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+    return str(build_tiny_model(cfg, corpus_text(), cache_dir))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray for the session (4 logical CPUs on a 2-core box, so 2 train workers + a controller fit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,135 @@
+"""Task loaders on the shared real data and on synthetic files, and instance rendering."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saefd_ray.config import RunConfig, TaskConfig
+from saefd_ray.data.render import IGNORE, collate, encode
+from saefd_ray.data.synthetic import LABELS, group_of, load_synthetic
+from saefd_ray.data.tasks import Example, load_task, subsample
+from saefd_ray.errors import DataError
+
+
+def run_config(tmp_path: Path, *tasks: dict, data_root=None) -> RunConfig:
+    return RunConfig.model_validate({"tasks": {"data_root": str(data_root or tmp_path), "sequence": list(tasks)}})
+
+
+def test_trace_loader_on_shared_data(shared_data):
+    config = run_config(shared_data, {"name": "sq", "format": "trace", "path": "trace/ScienceQA", "max_test": 7},
+                        data_root=shared_data)
+    task = load_task(config.tasks.sequence[0], config)
+    raw = json.loads((shared_data / "trace/ScienceQA/train.json").read_text())
+    assert task.metric == "first_letter"
+    assert len(task.train) == len(raw) and task.train[0] == Example(raw[0]["prompt"], raw[0]["answer"])
+    assert len(task.test) == 7
+
+
+def test_trace_metrics_by_task(shared_data):
+    for folder, metric in [("Py150", "edit_sim"), ("20Minuten", "sari"), ("FOMC", "accuracy")]:
+        config = run_config(shared_data, {"name": folder, "format": "trace", "path": f"trace/{folder}", "max_test": 3},
+                            data_root=shared_data)
+        task = load_task(config.tasks.sequence[0], config)
+        assert task.metric == metric
+        assert (task.sources is not None) == (metric == "sari")
+
+
+def test_cl_benchmark_loader_renders_instruction_and_options(shared_data):
+    config = run_config(shared_data, {"name": "ag", "format": "cl_benchmark", "path": "cl_benchmark/agnews",
+                                      "max_train": 10}, data_root=shared_data)
+    task = load_task(config.tasks.sequence[0], config)
+    labels = json.loads((shared_data / "cl_benchmark/agnews/labels.json").read_text())
+    assert task.options == labels and task.metric == "options"
+    assert len(task.train) == 10
+    first = task.train[0]
+    assert first.prompt.startswith("What is the topic of the following paragraph? Choose one from the option.\n")
+    assert f"Option: {', '.join(labels)}" in first.prompt and first.answer in labels
+
+
+def test_subsample_is_seeded_and_stable():
+    items = [Example(str(i), str(i)) for i in range(100)]
+    a = subsample(items, 10, 0, "t")
+    assert a == subsample(items, 10, 0, "t") and a != subsample(items, 10, 1, "t")
+    assert [int(e.prompt) for e in a] == sorted(int(e.prompt) for e in a)
+
+
+def test_generic_json_and_jsonl(tmp_path):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
+    (folder / "test.jsonl").write_text('{"q": "3+3", "a": "6"}\n')
+    config = run_config(tmp_path, {"name": "qa", "format": "json", "path": "qa", "prompt_field": "q",
+                                   "answer_field": "a"})
+    task = load_task(config.tasks.sequence[0], config)
+    assert task.train == [Example("1+1", "2"), Example("2+2", "4")] and task.metric == "accuracy"
+
+
+def _cl_folder(tmp_path: Path, records, labels=("yes", "no")) -> Path:
+    folder = tmp_path / "cl" / "agnews"
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    (tmp_path / "cl" / "instruction_config.json").write_text(json.dumps({"TC": [{"instruction": "Topic?\n"}]}))
+    for split in ("train", "test"):
+        (folder / f"{split}.json").write_text(records if isinstance(records, str) else json.dumps(records))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"sentence": "x"}', "expected a JSON list of records, got dict"),
+        ("[]", "no records"),
+        ("[1, 2]", "record 0 is int, expected an object"),
+        ('[{"sentence": "x"}]', "record 0 has no field 'label'"),
+        ('[{"sentence": "x", "label": "maybe"}]', "label 'maybe' is not in"),
+        ('[{"sentence": "x", "label": "yes"', "invalid JSON"),
+    ],
+)
+def test_bad_data_files_name_file_and_problem(tmp_path, content, expected):
+    _cl_folder(tmp_path, content)
+    config = run_config(tmp_path, {"name": "t", "format": "cl_benchmark", "path": "cl/agnews"})
+    with pytest.raises(DataError) as info:
+        load_task(config.tasks.sequence[0], config)
+    assert expected in str(info.value) and "train.json" in str(info.value)
+
+
+def test_trace_record_missing_answer(tmp_path):
+    folder = tmp_path / "T"
+    folder.mkdir()
+    (folder / "train.json").write_text('[{"prompt": "p"}]')
+    (folder / "test.json").write_text('[{"prompt": "p", "answer": "a"}]')
+    config = run_config(tmp_path, {"name": "T", "format": "trace", "path": "T"})
+    with pytest.raises(DataError, match=r"train.json: record 0 has no field 'answer'"):
+        load_task(config.tasks.sequence[0], config)
+
+
+def test_unknown_generator():
+    with pytest.raises(DataError, match="unknown generator 'rule_z'"):
+        load_synthetic(TaskConfig(name="z", format="synthetic", generator="rule_z"))
+
+
+def test_synthetic_rules_are_balanced_and_conflict():
+    a, b = group_of("rule_a"), group_of("rule_b")
+    assert sorted(a.values()).count("north") == len(a) // 4
+    assert sum(a[w] != b[w] for w in a) > len(a) // 2  # the rules disagree on most words
+    task = load_synthetic(TaskConfig(name="a", format="synthetic", generator="rule_a"))
+    for example in task.train[:50]:
+        words = example.prompt.split(": ")[1].split()
+        votes = [a[w] for w in words]
+        assert votes.count(example.answer) >= 3 and example.answer in LABELS
+
+
+def test_encode_masks_the_prompt(tiny_model_path):
+    from saefd_ray.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    encoded = encode(tokenizer, Example("rule a: kalo", "north"), 64, 4)
+    answer = encoded.labels[encoded.prompt_len:]
+    assert all(label == IGNORE for label in encoded.labels[: encoded.prompt_len])
+    assert answer[-1] == tokenizer.eos_token_id and tokenizer.decode(answer[:-1]) == "north"
+    rendered = tokenizer.decode(encoded.input_ids[: encoded.prompt_len])
+    assert "<|im_start|>user\nrule a: kalo<|im_end|>" in rendered and rendered.endswith("assistant\n")
+    batch = collate([encoded, encode(tokenizer, Example("b", "south"), 64, 4)], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"][0].sum()) == len(encoded.input_ids)
