@@ -36,6 +36,9 @@ def build_tiny_model(cfg: TinyModelConfig, texts: list[str], cache_dir: str | Pa
         return target
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for messages that matter
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))

@@ -14,10 +14,11 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from saefd_ray.config import RunConfig
 from saefd_ray.data.tasks import Task, load_tasks
-from saefd_ray.errors import CheckpointError
+from saefd_ray.errors import CheckpointError, NonFiniteLossError, UserError
 from saefd_ray.io import atomic_write_text, sha256_file
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
@@ -120,22 +121,50 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
             failure_config=FailureConfig(max_failures=dist.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # a user error raised inside a worker comes back wrapped by Ray: unwrap it
+        raise _user_error_inside(err) or err
+    if "nonfinite" in (result.metrics or {}):
+        raise NonFiniteLossError(result.metrics["nonfinite"])
     if result.checkpoint is None:
         raise RuntimeError(f"task {tasks[index].name!r}: training finished without a checkpoint")
     return Path(result.checkpoint.path)
 
 
-def run_sequence(config: RunConfig) -> dict:
-    """Train every task in order (resuming after the last finished one) and write the report."""
+def _user_error_inside(err: BaseException) -> UserError | None:
+    """The first UserError among a Ray Train failure's worker errors and their causes."""
+    stack = [err, *getattr(err, "worker_failures", {}).values()]
+    seen = set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None) -> dict:
+    """Train every task in order (resuming after the last finished one) and write the report.
+
+    `on_task_end(index, rows)`, if given, is called after every stage (also one finished earlier and only loaded)
+    with the 0-based stage index and the R-matrix rows so far (base row first); Tune trials report from it.
+    """
     from saefd_ray.eval.report import print_r_matrix, write_report
     from saefd_ray.eval.summary import summarize
 
+    from saefd_ray.models.loading import load_tokenizer
+
     started = time.time()
-    run_dir = prepare_run_dir(config)
-    tasks = load_tasks(config)
+    tasks = load_tasks(config)  # every input is checked before anything is written or any worker starts
     method = build_method(config)
     model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
+    load_tokenizer(model_path, config.model.require_chat_template)
+    method.validate(model_path)  # e.g. an SAE that does not fit the model fails here, before any training
+    run_dir = prepare_run_dir(config)
     init_ray(config)
 
     names = [t.name for t in tasks]
@@ -160,6 +189,8 @@ def run_sequence(config: RunConfig) -> dict:
             rows.append(metrics["base_row"])
         rows.append(metrics["row"])
         state_in = folder
+        if on_task_end is not None:
+            on_task_end(index, [list(row) for row in rows])
 
     results = {
         "method": config.method.name,

@@ -22,7 +22,6 @@ import torch
 from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode
 from saefd_ray.data.tasks import Example, Task
-from saefd_ray.errors import NonFiniteLossError
 from saefd_ray.methods.base import ADAPTER, TaskContext
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
 
@@ -86,6 +85,7 @@ def train_task(loop: dict) -> None:
         state_out=workdir,
         train_examples=loop["train_examples"],
         past_tasks=tasks[:task_index],
+        tasks=tasks,
         rank=rank,
         world_size=world,
         device=device,
@@ -121,13 +121,16 @@ def train_task(loop: dict) -> None:
             task_loss = engine(**batch).loss
             extra, logs = method.regularizer(engine.module, batch, task_loss)
             total = task_loss if extra is None else task_loss + extra
-            if not torch.isfinite(total):
-                if _nonfinite(config, tasks[task_index].name, epoch, step, task_loss, extra):
+            if _any_rank(not torch.isfinite(total.detach()).item(), device):  # all ranks agree: no hang
+                message = _nonfinite(config, tasks[task_index].name, epoch, step, task_loss, extra)
+                if message is None:
                     continue
+                ray.train.report({"nonfinite": message})  # the driver raises it; nothing bad is checkpointed
+                return
             engine.backward(total)
             engine.step()
             step_time.append(time.perf_counter() - began)
-            losses.append(float(task_loss))
+            losses.append(float(task_loss.detach()))
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
@@ -135,7 +138,7 @@ def train_task(loop: dict) -> None:
             print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(batches):]):.4f}")
 
     method.after_task(engine.module, ctx)
-    row = score_row(engine.module, tokenizer, tasks, config, device)
+    row = method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device), base_row, ctx)
     adapter = trainable_state(engine.module, config.distributed.zero_stage)
     metrics = {
         "row": row,
@@ -162,16 +165,24 @@ def _mean_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _nonfinite(config: RunConfig, task: str, epoch: int, step: int, task_loss, extra) -> bool:
-    """True: skip this step. Otherwise raise, naming the task, step and the loss term that went bad."""
-    term = "task loss" if not torch.isfinite(task_loss) else "regularizer"
+def _any_rank(flag: bool, device) -> bool:
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _nonfinite(config: RunConfig, task: str, epoch: int, step: int, task_loss, extra) -> str | None:
+    """None: skip this step (configured). Otherwise the one-line message naming task, step and loss term."""
+    bad_task = not torch.isfinite(task_loss.detach()).item()
+    term = "task loss" if bad_task else "regularizer"
     if config.training.on_nonfinite == "skip":
         print(f"warning: task {task!r} epoch {epoch + 1} step {step}: non-finite {term}, step skipped", flush=True)
-        return True
-    value = float(task_loss) if term == "task loss" else float(extra)
-    raise NonFiniteLossError(
-        f"task {task!r} epoch {epoch + 1} step {step}: {term} is {value}; stopped, last good checkpoint kept"
-    )
+        return None
+    value = float(task_loss) if bad_task else float(extra) if extra is not None else float("nan")
+    return f"task {task!r} epoch {epoch + 1} step {step}: {term} is {value}; stopped, last good checkpoint kept"
 
 
 def _write_task_checkpoint(model, adapter: dict, folder: Path, metrics: dict) -> None:
