@@ -82,15 +82,15 @@ def tokenizer_corpus(tasks: list[Task], per_task: int = 200) -> list[str]:
     return [text for task in tasks for e in task.train[:per_task] for text in (e.prompt, e.answer)]
 
 
-def init_ray(config: RunConfig) -> None:
-    """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray."""
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray.
+
+    Uploads (working_dir and its excludes) are the submitter's business: see runtime_env.yaml.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
-    excludes = ["runs/", ".venv*/", "bench/cache/", "*.safetensors", ".git/"]
-    ray.init(address=address, runtime_env={"excludes": excludes} if address else None, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
 
 
 def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
@@ -165,7 +165,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     load_tokenizer(model_path, config.model.require_chat_template)
     method.validate(model_path)  # e.g. an SAE that does not fit the model fails here, before any training
     run_dir = prepare_run_dir(config)
-    init_ray(config)
+    init_ray(config.distributed.ray_address)
 
     names = [t.name for t in tasks]
     stages = [0] if method.joint_training else list(range(len(tasks)))
