@@ -87,7 +87,7 @@ class SparseCodes(NamedTuple):
 
     def to_dense(self, d_sae: int) -> Tensor:
         out = self.values.new_zeros(*self.values.shape[:-1], d_sae)
-        return out.scatter_(-1, self.indices, self.values)
+        return out.scatter_add_(-1, self.indices, self.values)  # add: zero padding may repeat an index
 
     @staticmethod
     def from_dense(dense: Tensor, width: int | None = None) -> "SparseCodes":
@@ -178,10 +178,16 @@ class SparseAutoencoder(nn.Module):
         """Decode dense training codes ``[N, d_sae]``; switches to the sparse kernel once codes are sparse enough."""
         from .kernels import dense_to_coo, sparse_decode
 
-        if torch.count_nonzero(f) < SPARSE_DECODE_DENSITY * f.numel():
+        if self.codes_are_sparse(f):
             vals, rows, cols = dense_to_coo(f)
             return sparse_decode(vals, rows, cols, self.W_dec, f.shape[0]) + self.b_dec
         return torch.addmm(self.b_dec, f, self.W_dec)
+
+    @staticmethod
+    def codes_are_sparse(f: Tensor) -> bool:
+        """Firing density estimated on the first rows (a full count would cost one more pass over ``[N, d_sae]``)."""
+        head = f[: min(f.shape[0], 256)]
+        return bool(torch.count_nonzero(head) < SPARSE_DECODE_DENSITY * head.numel())
 
     def decoder_norms(self) -> Tensor:
         return self.W_dec.norm(dim=1)

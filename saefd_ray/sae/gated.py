@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import ForwardOutput, SAEConfig, SparseAutoencoder, mse_loss, register
+from .kernels import relu_decode_l1
 
 
 @register("gated")
@@ -38,12 +39,11 @@ class GatedSAE(SparseAutoencoder):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         x2 = x.reshape(-1, self.cfg.d_in)
         pi_gate, pi_mag = self._paths(x2)
-        gate_act = pi_gate.relu()
         f = pi_mag.relu() * (pi_gate > 0)
         x_hat = self.decode_train(f)
         mse = mse_loss(x_hat, x2)
-        l1 = (gate_act.sum(0) * self.decoder_norms()).sum() / x2.shape[0]
-        aux_hat = torch.addmm(self.b_dec.detach(), gate_act, self.W_dec.detach())
+        # gate path: ReLU(π_gate) decoded by the frozen decoder, plus its norm-weighted L1, in one fused function
+        aux_hat, _, l1 = relu_decode_l1(pi_gate, self.W_dec.detach(), self.b_dec.detach(), self.decoder_norms())
         aux = mse_loss(aux_hat, x2)
         loss = mse + self.sparsity_coefficient * l1 + aux
         return ForwardOutput(x_hat.reshape(x.shape), f, {"mse": mse, "l1": l1, "aux": aux}, loss)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import ForwardOutput, SAEConfig, SparseAutoencoder, mse_loss, register
+from .kernels import relu_decode_l1
 
 
 @register("standard")
@@ -21,10 +22,14 @@ class StandardSAE(SparseAutoencoder):
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         x2 = x.reshape(-1, self.cfg.d_in)
-        f = self.pre_acts(x2, self.b_enc).relu_()
-        x_hat = self.decode_train(f)
+        pre = self.pre_acts(x2, self.b_enc)
+        if self.codes_are_sparse(pre.detach().relu()[:256]):
+            f = pre.relu()
+            x_hat = self.decode_train(f)
+            # f >= 0, so the L1 is a column sum: one read of f, then a [d_sae] dot product.
+            l1 = (f.sum(0) * self.decoder_norms()).sum() / x2.shape[0]
+        else:  # dense codes: fused ReLU + decode + L1 (kernels.ReLUDecodeL1)
+            x_hat, f, l1 = relu_decode_l1(pre, self.W_dec, self.b_dec, self.decoder_norms())
         mse = mse_loss(x_hat, x2)
-        # f >= 0, so the L1 is a column sum: one read of f, then a [d_sae] dot product.
-        l1 = (f.sum(0) * self.decoder_norms()).sum() / x2.shape[0]
         loss = mse + self.sparsity_coefficient * l1
         return ForwardOutput(x_hat.reshape(x.shape), f, {"mse": mse, "l1": l1}, loss)
