@@ -91,6 +91,16 @@ class TasksConfig(Strict):
     orders: dict[str, list[str]] = Field(default_factory=dict, description="named task orders (e.g. O-LoRA's 1-3)")
     order: str | None = Field(None, description="which of `orders` to train in; None: the sequence as written")
 
+    @field_validator("order", mode="before")
+    @classmethod
+    def _order_name(cls, value):
+        return str(value) if isinstance(value, int) else value  # `--set tasks.order=2` parses as an int
+
+    @field_validator("orders", mode="before")
+    @classmethod
+    def _order_keys(cls, value):
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _reorder(self) -> "TasksConfig":
         if self.order is None:

@@ -2,11 +2,14 @@
 
 The training loop knows nothing about methods beyond these hooks, called in this order for task t:
 
+    driver   validate(model_path)                     check method inputs against the model before any training
     driver   training_examples(t, tasks, state_dir)  which examples train task t (replay, multi-task)
     worker   prepare_model(model, ctx)                 wrap the base model in LoRA (o_lora, per_task differ)
              load_state(ctx)                          read what earlier tasks left in ctx.state_in
              regularizer(model, batch, task_loss)     extra loss term + scalars to log, every step
              after_task(model, ctx)                   compute and write this task's state into ctx.state_out
+             adjust_row(row, base_row, ctx)           the R-matrix row to record (per_task rewrites it)
+             progress_state() / load_progress_state  optional: method state inside mid-task checkpoints
 
 State lives in plain files under the task's checkpoint (safetensors / JSON), so a resumed sequence continues
 exactly. A method that adds nothing (seq_lora) is this class as is.
@@ -40,6 +43,7 @@ class TaskContext:
     state_out: Path  # this task's checkpoint folder being written (rank 0 writes)
     train_examples: list[Example] = field(default_factory=list)
     past_tasks: list[Task] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)  # the whole sequence (task_index indexes it)
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -58,6 +62,9 @@ class Method:
         self.cfg = config.method
 
     # ---------------------------------------------------------------- driver side
+    def validate(self, model_path: str) -> None:
+        """Fail before any worker starts when the method's inputs (an SAE...) do not fit the model."""
+
     def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
         return tasks[task_index].train
 
@@ -89,8 +96,58 @@ class Method:
     def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         """Compute this task's state (Fisher, anchors, masks...) and write it into ctx.state_out on rank 0."""
 
+    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext) -> list[float]:
+        """The R-matrix row recorded for this task, given the scores of the trained model on every task."""
+        return row
+
 
 def load_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def peft_key(name: str) -> str:
+    """peft's on-disk key: the parameter name without the adapter name (what save_pretrained writes)."""
+    return name.replace(".default.weight", ".weight").replace(".default.bias", ".bias")
+
+
+def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable (LoRA) parameters by name, in a stable order.
+
+    Weight-space methods (ewc, l2, o_lora) read these directly. Under ZeRO-3 that needs the LoRA tensors
+    unpartitioned, which DeepSpeed's default `stage3_param_persistence_threshold` (1e5 elements) gives any
+    LoRA matrix of r * d < 1e5; a partitioned one is reported instead of silently read as empty.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for name, param in named:
+        if param.numel() == 0:
+            raise RuntimeError(
+                f"{name}: parameter is partitioned by ZeRO-3; raise zero_optimization.stage3_param_persistence_"
+                f"threshold above its size or use zero_stage 2 for weight-space methods"
+            )
+    return named
+
+
+class OutputCapture:
+    """Keeps the output of one module from the last forward that ran with gradients enabled (training).
+
+    Lets a regularizer reuse what the training forward already computed — the logits (lwf) or a layer's
+    residual stream (sae_reg) — instead of running the model again. Forwards under no_grad (evaluation,
+    reference passes) are ignored, so they never overwrite the training forward's tensor.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output) -> None:
+        if torch.is_grad_enabled():
+            self.value = output[0] if isinstance(output, tuple) else output
+
+    def pop(self) -> torch.Tensor | None:
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.handle.remove()

@@ -1,0 +1,47 @@
+"""The two non-sequential references: multi-task training (upper bound) and one independent LoRA per task.
+
+mtl      one stage on the union of all tasks' training data; its R matrix is the base row plus one row.
+per_task a fresh LoRA for every task, trained from the base model. Each task is scored with its own adapter:
+         row t holds, for task i ≤ t, the score of adapter i on task i (carried from the previous row, so
+         nothing is re-evaluated) and, for i > t, the base model's score (no adapter for task i exists yet —
+         a fresh LoRA is the base model). So BWT = 0 and FWT = 0 by construction and the final row is
+         each task's own fine-tuned score.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from saefd_ray.data.tasks import Example, Task
+from saefd_ray.methods.base import Method, TaskContext
+
+BASE_ROW = "per_task/base_row.json"
+
+
+class Mtl(Method):
+    name = "mtl"
+    joint_training = True
+
+    def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
+        return [example for task in tasks for example in task.train]
+
+
+class PerTask(Method):
+    name = "per_task"
+    fresh_adapter_per_task = True
+
+    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext) -> list[float]:
+        t = ctx.task_index
+        if ctx.state_in is None:
+            base = base_row
+            previous: list[float] = []
+        else:
+            base = json.loads((ctx.state_in / BASE_ROW).read_text())
+            previous = json.loads((ctx.state_in / "row.json").read_text())["row"][:t]
+        if ctx.rank == 0:
+            (ctx.state_out / BASE_ROW).parent.mkdir(parents=True, exist_ok=True)
+            (ctx.state_out / BASE_ROW).write_text(json.dumps(base))
+        return previous + [row[t]] + list(base[t + 1 :])
+
+
