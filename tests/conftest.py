@@ -51,3 +51,25 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def two_task_overrides(tmp_root: Path, cache_dir: Path, run_name: str) -> list[str]:
+    """The 2-task demo sequence the integration and fault tests share (3 epochs of 12 steps on 2 workers)."""
+    return [
+        "tasks.sequence=[{name: rule_a, format: synthetic, generator: rule_a}, "
+        "{name: rule_b, format: synthetic, generator: rule_b}]",
+        "tasks.sequence.0.max_test=48", "tasks.sequence.1.max_test=48", f"model.cache_dir={cache_dir}",
+        "training.epochs=3", "training.checkpoint_every=4", f"output.root={tmp_root}", f"output.run_name={run_name}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_cluster, tmp_path_factory, cache_dir):
+    """One uninterrupted 2-task SeqLoRA run: (overrides, config, results); fault tests compare against it."""
+    from saefd_ray.config import load_config
+    from saefd_ray.train.sequence import run_sequence
+
+    root = tmp_path_factory.mktemp("runs")
+    overrides = two_task_overrides(root, cache_dir, "reference")
+    config = load_config(None, overrides)
+    return overrides, config, run_sequence(config)

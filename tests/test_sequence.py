@@ -11,28 +11,19 @@ from saefd_ray.train.sequence import is_complete, run_sequence, task_dir
 pytestmark = pytest.mark.ray
 
 
-def two_task_config(tmp_path, cache_dir, *extra):
-    return load_config(None, [
-        "tasks.sequence=[{name: rule_a, format: synthetic, generator: rule_a}, "
-        "{name: rule_b, format: synthetic, generator: rule_b}]",
-        "tasks.sequence.0.max_test=48", "tasks.sequence.1.max_test=48", f"model.cache_dir={cache_dir}",
-        "training.epochs=3", f"output.root={tmp_path}", "output.run_name=seq", *extra,
-    ])
-
-
-def test_two_task_sequence_trains_reports_and_resumes(ray_cluster, tmp_path, cache_dir, capsys):
-    config = two_task_config(tmp_path, cache_dir)
-    results = run_sequence(config)
-
+def test_two_task_sequence_trains_and_reports(reference_run):
+    _, config, results = reference_run
     rows = results["r_matrix"]
     assert len(rows) == 3 and all(len(row) == 2 for row in rows)  # base + one row per task
     assert rows[1][0] > rows[0][0] + 20, f"task 1 not learned: {rows}"  # diagonal well above the base row
+    assert rows[2][1] > rows[0][1] + 20, f"task 2 not learned: {rows}"
     assert results["summary"]["aa"] == pytest.approx(sum(rows[2]) / 2)
     assert results["summary"]["bwt"] == pytest.approx(rows[2][0] - rows[1][0])
 
     run_dir = config.run_dir
     for name in ("results.json", "report.md", "r_matrix.png", "config.json"):
         assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "results.json").read_text())["r_matrix"] == rows
     for index, name in enumerate(["rule_a", "rule_b"]):
         folder = task_dir(run_dir, index, name)
         assert is_complete(folder)
@@ -40,12 +31,31 @@ def test_two_task_sequence_trains_reports_and_resumes(ray_cluster, tmp_path, cac
         metrics = json.loads((folder / "row.json").read_text())
         assert metrics["train_loss"] < metrics["first_loss"]  # training lowered the task loss
 
+
+def test_rerun_resumes_without_training(reference_run, capsys):
+    overrides, config, results = reference_run
     capsys.readouterr()
-    again = run_sequence(config)  # same command again: nothing is trained, rows come from disk
+    again = run_sequence(load_config(None, overrides))  # the same command again
     out = capsys.readouterr().out
     assert out.count("finished earlier, not trained again") == 2 and "training on" not in out
-    assert again["r_matrix"] == rows
+    assert again["r_matrix"] == results["r_matrix"]
 
-    changed = two_task_config(tmp_path, cache_dir, "training.lr=0.5")
+
+def test_other_config_refuses_to_resume(reference_run):
+    overrides, _, _ = reference_run
     with pytest.raises(CheckpointError, match="written by a different config; refusing to resume"):
-        run_sequence(changed)
+        run_sequence(load_config(None, [*overrides, "training.lr=0.5"]))
+
+
+def test_half_written_task_folder_is_ignored(reference_run, tmp_path):
+    _, config, _ = reference_run
+    folder = task_dir(config.run_dir, 0, "rule_a")
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(folder, copy)
+    assert is_complete(copy)
+    (copy / "adapter" / "adapter_model.safetensors").write_bytes(b"truncated")
+    assert not is_complete(copy)  # checksum mismatch: a crashed write is never loaded
+    (copy / "MANIFEST.json").unlink()
+    assert not is_complete(copy)

@@ -111,6 +111,9 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
             "state_in": str(state_in) if state_in else None,
             "train_examples": examples,
             "score_base": score_base,
+            # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank): SIGKILL that worker once.
+            "kill_at": [int(x) for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
+            if os.environ.get("SAEFD_KILL_WORKER_AT") else None,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}

@@ -10,7 +10,9 @@ worker group from the last one instead of from the task's start.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +112,8 @@ def train_task(loop: dict) -> None:
         base_row = score_row(engine.module, tokenizer, tasks, config, device)
 
     start_epoch, start_step = _restore(engine, method)
+    restored = (start_epoch, start_step) != (0, 0)
+    kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
     step_time, losses = [], []
     for epoch in range(start_epoch, epochs):
         batches = shard_batches(encoded, config.training.batch_size, rank, world, config.training.seed * 7919 + epoch)
@@ -134,6 +138,8 @@ def train_task(loop: dict) -> None:
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
+            if kill_at == (task_index, epoch, step + 1, rank) and not restored:
+                os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill or a lost node would be
         if rank == 0 and losses:
             print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(batches):]):.4f}")
 
@@ -147,6 +153,7 @@ def train_task(loop: dict) -> None:
         "first_loss": float(losses[0]) if losses else None,
         "median_step_s": float(np.median(step_time)) if step_time else None,
         "steps": len(losses),
+        "resumed_from": [start_epoch, start_step] if restored else None,  # set after a worker-group restart
     }
     checkpoint = None
     if rank == 0:
