@@ -1,0 +1,174 @@
+"""Benchmark: activation harvesting throughput (Ray Data actor pool vs a plain loop) and SAE training scaling.
+
+    python bench/harvest.py [--instances 200] [--out bench/results/harvest.json]
+
+(1) Harvesting, same tiny model, same instances, same machine, one thread each:
+    a. plain single-process loop of truncated HF forward passes over the same length-bucketed batches the actors use
+       (the strongest baseline: identical compute, no Ray);
+    a'. the naive per-instance loop (batch size 1, no padding);
+    b. the Ray Data pipeline (1 actor, 1 CPU), rows consumed on the driver. Reported with and without actor start-up
+       (the first window's latency).
+    Prints b / a and the padding waste of the bucketing plan.
+(2) SAE training on Ray Train, data parallel, 2 workers vs 1 (one thread each, weak scaling: the same per-worker
+    batch): efficiency = tok/s(2) / (2 · tok/s(1)), from the workers' own timing (start-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ray_init(cpus: int) -> None:
+    """Start a local Ray; on a loaded box the raylet can miss its start-up deadline, so try a few times."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:  # noqa: BLE001 - "node timed out during startup"
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
+
+
+def harvest_bench(n_instances: int) -> dict:
+    import ray
+
+    from saefd_ray.models.loading import load_model, load_tokenizer, resolve_model_path, residual_stream
+    from saefd_ray.stream.config import load_sae_config
+    from saefd_ray.stream.harvest import harvest_batch, load_instances, plan_batches, render
+    from saefd_ray.stream.pipeline import activation_dataset, window_padding
+    from saefd_ray.stream.run import tokenizer_texts
+
+    shared = (REPO.parent / "shared" / "data").is_dir()
+    preset = "sae_demo.yaml" if shared else "sae_offline.yaml"
+    config = load_sae_config(REPO / "configs" / preset, [f"data.eval_instances=0", "data.harvest_actors=1",
+                                                       "data.cpus_per_actor=1"])
+    train, _ = load_instances(config)
+    instances = train[:n_instances]
+    model_path = resolve_model_path(config.model, tokenizer_texts(config))
+    torch.set_num_threads(1)
+    tok = load_tokenizer(model_path)
+    model = load_model(model_path).eval()
+    layers, data = config.layers, config.data
+    special = set(tok.all_special_ids)
+    ids = [render(tok, json.loads(i["messages"]), data.max_len) for i in instances]
+    real_tokens = sum(len(x) for x in ids)
+
+    def plain_bucketed():
+        n = 0
+        for s in range(0, len(ids), data.window):
+            w = ids[s : s + data.window]
+            for b in plan_batches([len(x) for x in w], data.max_batch_tokens, data.max_padding):
+                rows = harvest_batch(model, [w[i] for i in b], [s + i for i in b], layers, special, tok.pad_token_id)
+                n += len(rows["token_id"])
+        return n
+
+    def plain_single():
+        n = 0
+        with torch.no_grad():
+            for x in ids:
+                acts = residual_stream(model, torch.tensor([x]), None, layers)
+                n += sum(a[0].numpy().shape[0] for a in acts.values())
+        return n
+
+    plain_single()  # warm-up (allocator, kernels)
+    t0 = time.perf_counter(); rows_a = plain_bucketed(); ta = time.perf_counter() - t0
+    t0 = time.perf_counter(); plain_single(); ta1 = time.perf_counter() - t0
+
+    _ray_init(2)
+    ds, _ = activation_dataset(config, model_path, instances, threads=1)
+    t0 = time.perf_counter()
+    first, rows_b = None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = time.perf_counter()
+        rows_b += len(batch["token_id"])
+    tb = time.perf_counter() - t0
+    ray.shutdown()
+    assert rows_a == rows_b == real_tokens * len(layers), (rows_a, rows_b, real_tokens)
+    pad = window_padding(tok, instances, config)
+    out = {
+        "preset": preset, "model": model_path, "instances": len(instances), "tokens": real_tokens,
+        "layers": layers, "window": data.window, "threads": 1,
+        "plain_bucketed_tok_s": real_tokens / ta, "plain_per_instance_tok_s": real_tokens / ta1,
+        "ray_pipeline_tok_s": real_tokens / tb, "ray_seconds_to_first_block": first - t0,
+        "ray_pipeline_wall_s": tb, "plain_bucketed_wall_s": ta,
+        "ratio_vs_plain_bucketed": (real_tokens / tb) / (real_tokens / ta),
+        "ratio_vs_plain_per_instance": (real_tokens / tb) / (real_tokens / ta1),
+        **pad,
+    }
+    return out
+
+
+def scaling_bench(steps: int = 40, d: int = 128, d_sae: int = 4096, local_batch: int = 2048) -> dict:
+    import ray
+
+    from saefd_ray.stream.config import validate_sae
+    from saefd_ray.stream.pipeline import synthetic_activation_dataset
+    from saefd_ray.stream.run import fit
+
+    _ray_init(3)
+    out = {"d_in": d, "d_sae": d_sae, "local_batch": local_batch, "steps": steps, "architecture": "gated"}
+    tmp = Path("/tmp/saefd-bench-scaling")
+    for workers in (1, 2):
+        config = validate_sae({
+            "layers": [0], "data": {"sources": [{"kind": "file", "path": "x.json"}]},
+            "sae": {"architecture": "gated", "width": d_sae},
+            "training": {"tokens": steps * local_batch * workers, "batch_size": local_batch * workers,
+                         "buffer_tokens": 4 * local_batch, "lr_warmup_steps": 5, "lr_decay_steps": 5,
+                         "sparsity_warmup_steps": 5, "log_every_steps": 1000},
+            "distributed": {"num_workers": workers, "threads_per_worker": 1},
+            "output": {"root": str(tmp), "run_name": f"w{workers}-{time.time_ns()}"},
+        })
+        n_rows = (steps + 6) * local_batch * workers
+        ds = synthetic_activation_dataset(n_rows, d, layer=0, blocks=max(4, n_rows // 4096))
+        ds = ds.materialize()  # measure the trainer, not the synthetic generator
+        m = fit(config, ds, d_in=d, n_instances=n_rows // 16 + 1, run_dir=config.run_dir, chunk_rows=1024)
+        out[f"workers_{workers}_tok_s"] = m["tokens_per_s"]
+        out[f"workers_{workers}_steps"] = m["steps"]
+    ray.shutdown()
+    out["efficiency"] = out["workers_2_tok_s"] / (2 * out["workers_1_tok_s"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "harvest.json"))
+    args = parser.parse_args()
+    harvest = harvest_bench(args.instances)
+    print(json.dumps(harvest, indent=1), flush=True)
+    scaling = scaling_bench(args.steps)
+    print(json.dumps(scaling, indent=1), flush=True)
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_avg_at_end": os.getloadavg()},
+              "harvest": harvest, "sae_scaling": scaling}
+    from saefd_ray.io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(f"harvest: ray/plain = {harvest['ratio_vs_plain_bucketed']:.2f}x ("
+          f"{harvest['ray_seconds_to_first_block']:.1f}s to the first block), padding waste {100 * harvest['padding_waste']:.1f}%; "
+          f"DP scaling efficiency {scaling['efficiency']:.2f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Train sparse autoencoders on streamed residual-stream activations (FAST), on Ray Data + Ray Train.
+
+    python jobs/train_sae.py --config configs/sae_demo.yaml          # Lima + TRACE prompts, Gated SAE, tiny model
+    python jobs/train_sae.py --config configs/sae_offline.yaml       # built-in tasks only (no ../shared/data)
+    python jobs/train_sae.py --config ... --set distributed.num_workers=2 --set distributed.sharding=latent
+
+Re-running the same command resumes from the last checkpoint and data position; a finished run only re-evaluates.
+Writes <output.root>/<run_name>/{checkpoints/, history.jsonl, sae_report.json, sae_report.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout or a Ray working dir
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.stream.config import load_sae_config  # noqa: E402
+
+DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_demo.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT), help="SAE config YAML (default: configs/sae_demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.tokens=200000 (repeatable)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    config = load_sae_config(args.config, args.overrides)
+    from saefd_ray.stream.run import train_sae
+
+    return train_sae(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The Ray Data activation stream: instances → actor pool holding the model → activation rows (→ Ray Train).
+
+    instances (from_items, one block per window)
+      → map_batches(Harvester, batch_size=window, compute=ActorPoolStrategy(size=harvest_actors),
+                    num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)      # bucketing + truncated forward
+      → rows {activation, token_id, instance_id, position, is_special, layer}
+
+The dataset is lazy and streamed: Ray Train's `datasets={"train": ds}` splits it across the SAE workers with
+`streaming_split`, and nothing holds more than the in-flight blocks. With `data.cache` the harvesting actors also tee
+every window to a parquet shard under `cache_dir/<key>/`; once the shards cover every instance, later runs stream
+`read_parquet` of them instead of running the model (`key` hashes the model files, layers, max_len, the instance
+texts and the activation dtype, so a stale cache never loads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from saefd_ray.stream.harvest import Harvester, shard_to_numpy
+
+
+def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype: str, instances: list[dict]) -> str:
+    h = hashlib.sha256()
+    model_dir = Path(model_path).expanduser()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        f = model_dir / name
+        if f.is_file():  # size + mtime, not a full hash of a multi-GB file
+            st = f.stat()
+            h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(json.dumps([model_path, layers, max_len, activation_dtype]).encode())
+    for inst in instances:
+        h.update(f"{inst['instance_id']}\0{inst['messages']}\0".encode())
+    return h.hexdigest()[:20]
+
+
+def cached_shards(folder: Path, needed: set[int]) -> list[Path] | None:
+    """Shard files that together cover `needed` instance ids, each instance once; None if they don't."""
+    import pyarrow.parquet as pq
+
+    if not folder.is_dir():
+        return None
+    chosen, covered = [], set()
+    for path in sorted(folder.glob("shard-*.parquet")):
+        ids = set(pq.read_table(path, columns=["instance_id"]).column("instance_id").to_numpy().tolist())
+        if ids & covered:  # written twice (an interrupted run): keep the first copy
+            continue
+        chosen.append(path)
+        covered |= ids
+    return chosen if needed <= covered and chosen else None
+
+
+def instance_dataset(instances: list[dict], window: int):
+    import ray.data
+
+    return ray.data.from_items(instances, override_num_blocks=max(1, math.ceil(len(instances) / window)))
+
+
+def activation_dataset(config, model_path: str, instances: list[dict], *, skip: set[int] | None = None,
+                       threads: int | None = None, preserve_order: bool = False):
+    """The lazy activation-row dataset of `instances` (minus `skip`), and where it comes from ("model"/"cache")."""
+    import ray.data
+
+    data = config.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if preserve_order:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    skip = skip or set()
+    cache_folder = None
+    if data.cache:
+        key = cache_key(model_path, config.layers, data.max_len, data.activation_dtype, instances)
+        cache_folder = Path(data.cache_dir).expanduser().resolve() / key
+        shards = cached_shards(cache_folder, {i["instance_id"] for i in instances})
+        if shards is not None:
+            # one task per shard file, read whole with pyarrow (streamed; a shard is one window)
+            ds = ray.data.from_items([{"path": str(p)} for p in shards], override_num_blocks=len(shards))
+            ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"skip": sorted(skip)})
+            return ds, "cache"
+    todo = [i for i in instances if i["instance_id"] not in skip]
+    ds = instance_dataset(todo, data.window).map_batches(
+        Harvester,
+        batch_size=data.window,
+        compute=ray.data.ActorPoolStrategy(size=data.harvest_actors),
+        num_cpus=data.cpus_per_actor,
+        num_gpus=data.gpus_per_actor or None,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            model_path=model_path, layers=config.layers, max_len=data.max_len,
+            max_batch_tokens=data.max_batch_tokens, max_padding=data.max_padding, dtype=config.model.dtype,
+            activation_dtype=data.activation_dtype, threads=threads or max(1, int(data.cpus_per_actor)),
+            use_gpu=data.gpus_per_actor > 0, cache_dir=str(cache_folder) if cache_folder else None,
+        ),
+    )
+    return ds, "model"
+
+
+def _read_shards(batch: dict, skip: list[int]) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    parts = [_from_shard(pq.read_table(str(path)), skip) for path in batch["path"]]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _from_shard(table, skip: list[int]) -> dict[str, np.ndarray]:
+    rows = shard_to_numpy(table)
+    if skip:
+        keep = ~np.isin(rows["instance_id"], np.asarray(skip, dtype=np.int64))
+        rows = {k: v[keep] for k, v in rows.items()}
+    return rows
+
+
+def window_padding(tokenizer, instances: list[dict], config) -> dict:
+    """Padding waste of the bucketing plan the actors use, over the same windows (a pure re-computation)."""
+    from saefd_ray.stream.harvest import padding_waste, plan_batches, render
+
+    data = config.data
+    real = padded = 0
+    naive_padded = 0
+    for start in range(0, len(instances), data.window):
+        window = instances[start : start + data.window]
+        lengths = [len(render(tokenizer, json.loads(i["messages"]), data.max_len)) for i in window]
+        r, p = padding_waste(lengths, plan_batches(lengths, data.max_batch_tokens, data.max_padding))
+        real, padded = real + r, padded + p
+        # the same number of forward passes without sorting: consecutive instances in arrival order
+        per = max(1, math.ceil(len(lengths) / max(1, len(plan_batches(lengths, data.max_batch_tokens,
+                                                                        data.max_padding)))))
+        naive_padded += sum(max(lengths[s : s + per]) * len(lengths[s : s + per]) for s in range(0, len(lengths), per))
+    return {
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_waste": 1 - real / padded if padded else 0.0,
+        "unsorted_padding_waste": 1 - real / naive_padded if naive_padded else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------- synthetic rows
+
+
+def synthetic_activations(ids: np.ndarray, d: int, n_features: int = 24, density: float = 0.15) -> np.ndarray:
+    """Deterministic activation rows (a function of the row id only): sparse combinations of `n_features` fixed
+    directions plus noise and an offset — SAE-learnable data for tests and the trainer benchmark, no model needed."""
+    dirs = np.random.default_rng(0).normal(size=(n_features, d)).astype(np.float32)
+    out = np.empty((len(ids), d), np.float32)
+    for j, i in enumerate(ids):
+        r = np.random.default_rng(int(i) + 1)
+        codes = np.where(r.random(n_features) < density, r.exponential(1.0, n_features), 0.0).astype(np.float32)
+        out[j] = codes @ dirs + 0.05 * r.normal(size=d).astype(np.float32) + 0.5
+    return out
+
+
+def _synthetic_rows(batch: dict, d: int, layer: int, tokens_per_instance: int) -> dict:
+    ids = batch["id"].astype(np.int64)
+    return {"activation": synthetic_activations(ids, d), "token_id": ids % 97,
+            "instance_id": ids // tokens_per_instance, "position": ids % tokens_per_instance,
+            "is_special": ids % tokens_per_instance == 0, "layer": np.full(len(ids), layer, np.int64)}
+
+
+def synthetic_activation_dataset(n_rows: int, d: int, layer: int = 0, blocks: int = 4, tokens_per_instance: int = 16):
+    """A lazy Ray dataset of `n_rows` synthetic activation rows in the harvester's row format."""
+    import ray.data
+
+    return ray.data.range(n_rows, override_num_blocks=blocks).map_batches(
+        _synthetic_rows, batch_format="numpy",
+        fn_kwargs={"d": d, "layer": layer, "tokens_per_instance": tokens_per_instance})

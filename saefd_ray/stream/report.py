@@ -1,0 +1,108 @@
+"""End-of-run SAE evaluation on held-out instances, written as `sae_report.json` + `sae_report.md` (atomically).
+
+Held-out instances are rendered and run exactly as in training (per instance, truncated at max_len); per layer the
+report has FAST's eq.-7 MSE (all tokens and special tokens only), FVU, L0, the dead fraction on the eval tokens and
+in training (no firing within `dead_window_tokens`), and CE-loss recovered / KL with the SAE spliced into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from saefd_ray.io import atomic_write_text
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: Path, model_path: str, instances: list[dict], layers: list[int], max_len: int,
+                        dtype: str = "float32", batch_tokens: int = 8192) -> dict:
+    from saefd_ray.models.loading import load_model, load_tokenizer, residual_stream
+    from saefd_ray.sae.evaluate import reconstruction_metrics, spliced_metrics
+    from saefd_ray.sae.formats import load_saelens, load_trainer_state
+    from saefd_ray.stream.harvest import plan_batches, render
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, dtype).eval()
+    special = torch.tensor(sorted(tokenizer.all_special_ids))
+    ids = [render(tokenizer, json.loads(i["messages"]), max_len) for i in instances]
+    plan = plan_batches([len(x) for x in ids], batch_tokens, 0.1)
+    batches, seqs, masks = [], {layer: [] for layer in layers}, []
+    for b in plan:
+        width = max(len(ids[i]) for i in b)
+        input_ids = torch.full((len(b), width), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(input_ids)
+        for row, i in enumerate(b):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            attn[row, : len(ids[i])] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attn})
+        acts = residual_stream(model, input_ids, attn, layers)
+        for row, i in enumerate(b):
+            n = len(ids[i])
+            for layer in layers:
+                seqs[layer].append(acts[layer][row, :n].float())
+            masks.append(torch.isin(input_ids[row, :n], special))
+    out: dict = {"instances": len(instances), "tokens": sum(len(x) for x in ids), "layers": {}}
+    for layer in layers:
+        folder = checkpoint / f"layer_{layer}"
+        sae = load_saelens(folder).eval()
+        rec = reconstruction_metrics(sae, seqs[layer], masks)
+        ce = spliced_metrics(model, sae, layer, batches)
+        state_dir = folder if (folder / "trainer_state.pt").is_file() else None
+        train_dead = None
+        if state_dir is not None:
+            st = load_trainer_state(state_dir)
+            window = st["config"]["dead_window_tokens"]
+            train_dead = float((st["tokens_since_fired"] >= window).float().mean())
+        else:  # latent-sharded: one state per rank, each holding its slice's counters
+            parts = sorted(folder.glob("rank*/trainer_state.pt"))
+            if parts:
+                states = [load_trainer_state(p.parent) for p in parts]
+                window = states[0]["config"]["dead_window_tokens"]
+                counters = torch.cat([s["tokens_since_fired"] for s in states])
+                train_dead = float((counters >= window).float().mean())
+        out["layers"][str(layer)] = {
+            "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+            "fvu": rec["fvu"], "explained_variance": rec["explained_variance"], "l0": rec["l0"],
+            "mse": rec["mse"], "log2_mse": rec["log2_mse"],
+            "mse_special": rec.get("mse_special"), "log2_mse_special": rec.get("log2_mse_special"),
+            "dead_fraction_eval": rec["dead_fraction"], "dead_fraction_train": train_dead,
+            "ce_clean": ce["ce_clean"], "ce_sae": ce["ce_sae"], "ce_zero": ce["ce_zero"],
+            "ce_loss_recovered": ce["ce_loss_recovered"], "kl": ce["kl"],
+        }
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    json_path = atomic_write_text(run_dir / "sae_report.json", json.dumps(report, indent=2, default=str))
+    lines = [f"# SAE report: {report.get('run_name', run_dir.name)}", ""]
+    tr = report.get("training", {})
+    lines += [f"- model: `{report.get('model')}`; architecture {report.get('architecture')}, "
+              f"sharding {tr.get('sharding')} × {tr.get('workers')} workers",
+              f"- trained on {tr.get('tokens', 0):,} tokens in {tr.get('steps')} steps "
+              f"({_fmt(tr.get('tokens_per_s'))} tok/s){'; ran out of data' if tr.get('ran_out_of_data') else ''}",
+              f"- activation source: {report.get('source')}; padding waste of the bucketed forwards "
+              f"{100 * report.get('padding', {}).get('padding_waste', 0):.1f}% "
+              f"(unsorted: {100 * report.get('padding', {}).get('unsorted_padding_waste', 0):.1f}%)",
+              f"- evaluation: {report['eval']['instances']} held-out instances, {report['eval']['tokens']:,} tokens",
+              "", "| layer | FVU | L0 | dead % (train) | dead % (eval) | log2 MSE | log2 MSE special | CE recovered |",
+              "|---|---|---|---|---|---|---|---|"]
+    for layer, m in report["eval"]["layers"].items():
+        dead_t = None if m["dead_fraction_train"] is None else 100 * m["dead_fraction_train"]
+        lines.append(f"| {layer} | {_fmt(m['fvu'])} | {_fmt(m['l0'])} | {_fmt(dead_t)} | "
+                     f"{_fmt(100 * m['dead_fraction_eval'])} | {_fmt(m['log2_mse'])} | "
+                     f"{_fmt(m['log2_mse_special'])} | {_fmt(m['ce_loss_recovered'])} |")
+    md_path = atomic_write_text(run_dir / "sae_report.md", "\n".join(lines) + "\n")
+    return json_path, md_path

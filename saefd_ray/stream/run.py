@@ -1,0 +1,169 @@
+"""The SAE training driver: instances → Ray Data activation stream → Ray Train sharded SAE trainer → report.
+
+Re-running the same config resumes: the workers reload the last checkpoint (weights, optimizer, dead counters,
+step) and the stream skips every instance some worker had already read (their unserved buffer tokens are dropped,
+as FAST's buffer does on a restart without its contents). A run that already reached its token budget only
+re-evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from saefd_ray.errors import CheckpointError
+from saefd_ray.io import atomic_write_text
+from saefd_ray.stream.config import SaeTrainConfig
+
+CONFIG_FILE = "sae_config.json"
+
+
+def fingerprint(config: SaeTrainConfig) -> str:
+    """What a checkpoint depends on (budget, logging and worker count may change between runs; latent-sharded
+    resumes check the worker count themselves)."""
+    keep = config.model_dump(mode="json", include={"model", "layers", "data", "sae"})
+    for key in ("harvest_actors", "cpus_per_actor", "gpus_per_actor", "cache", "cache_dir", "window",
+                "max_batch_tokens", "max_padding"):
+        keep["data"].pop(key, None)
+    keep["sharding"] = config.distributed.sharding
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(config: SaeTrainConfig) -> Path:
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    fp = fingerprint(config)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != fp:
+            raise CheckpointError(f"{run_dir}: holds an SAE run with a different model/data/SAE config; "
+                                  f"use another output.run_name or delete the folder")
+    atomic_write_text(path, json.dumps({"fingerprint": fp, "config": config.model_dump(mode="json")}, indent=1))
+    return run_dir
+
+
+def tokenizer_texts(config: SaeTrainConfig, per_task: int = 200) -> list[str]:
+    """For the offline tiny model: the texts run_sequence trains its tokenizer on, from the task sources."""
+    from saefd_ray.data.tasks import load_task
+    from saefd_ray.stream.harvest import _TaskShim
+
+    texts = []
+    for src in config.data.sources:
+        if src.kind == "task":
+            task = load_task(src.task, _TaskShim(config))
+            texts += [t for e in task.train[:per_task] for t in (e.prompt, e.answer)]
+    return texts
+
+
+def init_ray(config: SaeTrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"excludes": ["runs/", ".venv*/", "*.safetensors", ".git/"]})
+        return
+    d, data = config.distributed, config.data
+    need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False)
+
+
+def model_dims(model_path: str) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    return int(cfg.hidden_size), int(cfg.num_hidden_layers)
+
+
+def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir: Path, resume: Path | None = None,
+        deterministic: bool = False, chunk_rows: int = 1024, model_name: str | None = None) -> dict:
+    """One Ray Train run of the sharded SAE trainer over the activation-row `dataset`.
+
+    `deterministic`: the dataset is not split; every worker reads it whole, in order, and keeps every world-th
+    chunk of `chunk_rows` rows (reproducible shards for tests and cache replays, at the cost of reading it `world`
+    times). Otherwise Ray Train's streaming_split gives each worker a disjoint, dynamically balanced share.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from saefd_ray.stream.sharded import train_loop_per_worker
+
+    d = config.distributed
+    data_config = (DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+                   if deterministic else DataConfig(datasets_to_split="all"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "d_in": d_in, "n_instances": n_instances,
+                           "run_dir": str(run_dir), "resume": str(resume) if resume else None,
+                           "chunk_rows": chunk_rows, "deterministic": deterministic, "model_name": model_name},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+        datasets={"train": dataset},
+        dataset_config=data_config,
+        run_config=RunConfig(name=f"{config.output.run_name}-sae", storage_path=str(run_dir / "ray")),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def train_sae(config: SaeTrainConfig) -> dict:
+    from saefd_ray.models.loading import load_tokenizer, resolve_model_path
+    from saefd_ray.stream.harvest import load_instances
+    from saefd_ray.stream.pipeline import window_padding
+    from saefd_ray.stream.report import evaluate_checkpoint, write_report
+    from saefd_ray.stream.sharded import PROGRESS, latest_checkpoint
+    from saefd_ray.errors import ConfigError
+
+    run_dir = prepare_run_dir(config)
+    train, held = load_instances(config)
+    model_path = resolve_model_path(config.model, tokenizer_texts(config))
+    d_in, n_layers = model_dims(model_path)
+    for layer in config.layers:
+        if layer >= n_layers:
+            raise ConfigError(f"layers: layer {layer} is out of range for a model with {n_layers} decoder layers")
+    print(f"[sae] {len(train)} training instances, {len(held)} held out; model {model_path} (d={d_in})", flush=True)
+    resume = latest_checkpoint(run_dir)
+    progress = json.loads((resume / PROGRESS).read_text()) if resume else None
+    fit_metrics: dict = {}
+    if progress and (progress["tokens"] >= config.training.tokens or progress.get("ran_out_of_data")):
+        print(f"[sae] {resume} already reached the budget; evaluating only", flush=True)
+    else:
+        if resume:
+            print(f"[sae] resuming from {resume} ({progress['tokens']:,} tokens)", flush=True)
+        init_ray(config)
+        from saefd_ray.stream.pipeline import activation_dataset
+        from saefd_ray.stream.sharded import CONSUMED
+
+        skip = set(np.flatnonzero(np.load(resume / CONSUMED)).tolist()) if resume else set()
+        dataset, source = activation_dataset(config, model_path, train, skip=skip)
+        fit_metrics = fit(config, dataset, d_in=d_in, n_instances=1 + max(i["instance_id"] for i in train),
+                          run_dir=run_dir, resume=resume, model_name=model_path)
+        fit_metrics.update(source=source, skipped_instances=len(skip))
+        resume = latest_checkpoint(run_dir)
+        progress = json.loads((resume / PROGRESS).read_text())
+    tokenizer = load_tokenizer(model_path)
+    padding = window_padding(tokenizer, train, config)
+    evaluation = evaluate_checkpoint(resume, model_path, held, config.layers, config.data.max_len,
+                                     config.model.dtype, config.data.max_batch_tokens)
+    report = {
+        "run_name": config.output.run_name, "model": model_path, "layers": config.layers,
+        "architecture": config.sae.architecture, "checkpoint": str(resume), "source": fit_metrics.get("source"),
+        "padding": padding,
+        "training": {"tokens": progress["tokens"], "steps": progress["steps"], "workers": progress["world"],
+                     "sharding": progress["sharding"], "ran_out_of_data": progress.get("ran_out_of_data"),
+                     "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last")},
+        "eval": evaluation,
+    }
+    write_report(run_dir, report)
+    for layer, m in evaluation["layers"].items():
+        print(f"[sae] layer {layer}: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {100 * (m['dead_fraction_train'] or 0):.1f}%"
+              f"  log2 MSE special {m['log2_mse_special']}  CE recovered {m['ce_loss_recovered']:.3f}", flush=True)
+    print(f"[sae] report: {run_dir / 'sae_report.md'}", flush=True)
+    return report
