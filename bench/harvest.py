@@ -27,7 +27,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def harvest_bench(n_instances: int) -> dict:
 
     shared = (REPO.parent / "shared" / "data").is_dir()
     preset = "sae_demo.yaml" if shared else "sae_offline.yaml"
-    config = load_sae_config(REPO / "configs" / preset, [f"data.eval_instances=0", "data.harvest_actors=1",
+    config = load_sae_config(REPO / "configs" / preset, ["data.eval_instances=0", "data.harvest_actors=1",
                                                        "data.cpus_per_actor=1"])
     train, _ = load_instances(config)
     instances = train[:n_instances]

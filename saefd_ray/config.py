@@ -359,9 +359,10 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def validate(raw: dict, source: str = "config") -> RunConfig:
+def validate(raw: dict, source: str = "config", schema: type[BaseModel] | None = None):
+    """Validate `raw` against `schema` (default: RunConfig); the first problem becomes a one-line ConfigError."""
     try:
-        return RunConfig.model_validate(raw)
+        return (schema or RunConfig).model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))

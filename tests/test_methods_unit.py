@@ -15,7 +15,7 @@ from saefd_ray.data.render import collate, encode
 from saefd_ray.data.tasks import Example, Task
 from saefd_ray.errors import ConfigError
 from saefd_ray.methods import build_method
-from saefd_ray.methods.anchors import Anchors, build_anchors, load_all, sample_batch
+from saefd_ray.methods.anchors import build_anchors, load_all, sample_batch
 from saefd_ray.methods.base import TaskContext, trainable_params
 from saefd_ray.methods.lambda_control import LambdaController
 from saefd_ray.methods.sae_fd import fd_loss

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from saefd_ray.io import atomic_write_bytes, atomic_write_text
+from saefd_ray.io import atomic_write_bytes
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from saefd_ray.config import ModelConfig, Strict, TaskConfig, apply_overrides, read_yaml
+from saefd_ray.config import ModelConfig, Strict, TaskConfig, apply_overrides, read_yaml, validate
 from saefd_ray.errors import ConfigError
 
 SAE_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
@@ -151,19 +151,7 @@ class SaeTrainConfig(Strict):
 
 
 def validate_sae(raw: dict, source: str = "config") -> SaeTrainConfig:
-    try:
-        return SaeTrainConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif first["type"] == "missing":
-            message = "missing required key"
-        elif "input" in first and first["type"] not in ("value_error",):
-            message = f"{message} (got {first['input']!r})"
-        raise ConfigError(f"{source}: {loc}: {message}") from None
+    return validate(raw, source, SaeTrainConfig)
 
 
 def load_sae_config(path: str | Path, overrides: list[str] | None = None) -> SaeTrainConfig:

@@ -23,7 +23,7 @@ import torch
 
 from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode
-from saefd_ray.data.tasks import Example, Task
+from saefd_ray.data.tasks import Task
 from saefd_ray.methods.base import ADAPTER, TaskContext
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
 
