@@ -1,0 +1,75 @@
+"""The standard CL benchmark (O-LoRA's dbpedia / amazon / yahoo→yelp / agnews) for every method, on the CPU base.
+
+    python bench/cl_replication.py --budget smoke     # minutes: 2 tasks, 64 examples, 3 methods (a does-it-run check)
+    python bench/cl_replication.py --budget small     # <= 60 min on 2 cores after the base: order 1, every method
+    python bench/cl_replication.py --budget full      # the three O-LoRA orders, 1000 / 500 examples per task
+    python bench/cl_replication.py --budget small --methods seq_lora,sae_fd --orders 1,2
+
+Budgets, method hyperparameters and the preset (configs/cl4.yaml, whose `tasks.orders` are O-LoRA's three orders)
+live in configs/bench/cl4.yaml. The base model and SAE come from bench/make_base.py (built once, cached). Every
+method × order is one `run_sequence(load_config(...))` in a single Ray session, under
+bench/cache/runs/cl4-<budget>-o<order>-<method>/ (re-running resumes). Output, named by budget:
+bench/results/cl4_<budget>.{json,md} (AA, BWT, FWT per method and order, their mean) and cl4_<budget>_o<order>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench import make_base  # noqa: E402
+from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_outputs  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
+
+NOTES = [
+    "O-LoRA's standard CL benchmark (yelp in yahoo's place) on the bench base model (bench/make_base.py), "
+    "LoRA on q/v, every method with the same base, LoRA, data and budget; scores are label accuracy by ranking "
+    "the label options' log-likelihood (0–100). AA = mean of the last R row; BWT, FWT as in TRACE / O-LoRA "
+    "(`saefd_ray/eval/summary.py`). Hyperparameters: fixed defaults (configs/bench/cl4.yaml), never tuned on test.",
+    "mtl trains all tasks jointly (one row: only AA); per_task trains a fresh adapter per task.",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", default="small", help="a budget of the bench config: smoke, small, full")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")
+    ap.add_argument("--orders", default=None, help="comma list of order names (default: the budget's)")
+    ap.add_argument("--data-root", default=None, help="default: the bench config's data_root (../shared/data)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    bench_cfg = read_yaml_file(args.config)
+    if args.budget not in bench_cfg["budgets"]:
+        raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
+    budget = bench_cfg["budgets"][args.budget]
+    data_root = resolve_repo_path(args.data_root or bench_cfg["data_root"])
+    began = time.time()
+    base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
+    base_s = time.time() - began
+    suite = run_suite("cl4", resolve_repo_path(bench_cfg["preset"]), bench_cfg, args.budget, base, data_root,
+                      methods=args.methods.split(",") if args.methods else None,
+                      orders=args.orders.split(",") if args.orders else None)
+    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "suite": round(time.time() - began - base_s, 1)}
+    notes = NOTES + [f"Wall time: base + SAE {base_s:.0f}s (0 when cached), suite {suite['wall_s']['suite']:.0f}s."]
+    if args.budget == "smoke":
+        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
+    for path in write_outputs(suite, f"cl4_{args.budget}", "CL benchmark (O-LoRA, 4 tasks)", notes):
+        print(f"wrote {path.relative_to(REPO)}")
+    return suite
+
+
+if __name__ == "__main__":
+    main()

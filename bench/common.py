@@ -1,0 +1,248 @@
+"""Shared helpers of the real-data benchmarks: paths, the method × order suite runner, and its report.
+
+A suite is one benchmark config (configs/cl4.yaml or configs/trace.yaml, the presets users run) adapted to the CPU
+budget of configs/bench/<bench>.yaml: the bench base model from bench/make_base.py, the budget's examples per task,
+training settings and task subset, and one `method:` block per method. Every method × order is one ordinary run
+(`run_sequence(load_config(<written yaml>))`) under bench/cache/runs/<bench>-<budget>-o<order>-<method>/, all in one
+Ray session; a run dir resumes, so re-running a suite only trains what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from statistics import fmean
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / "cache"
+RESULTS = REPO / "bench" / "results"
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (REPO / path).resolve()
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+# ---------------------------------------------------------------------------------------------- run configs
+
+
+def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, bench: str, budget_name: str,
+             data_root: Path) -> dict:
+    """The raw run config of one method × order: the preset, with the budget and the bench base applied."""
+    raw = copy.deepcopy(preset)
+    raw["model"] = {"name_or_path": base["model"], "dtype": "float32"}
+    raw.setdefault("lora", {}).update(budget.get("lora", {}))
+    tasks = raw["tasks"]
+    tasks["data_root"] = str(data_root)
+    keep = set(budget.get("tasks") or [t["name"] for t in tasks["sequence"]])
+    tasks["sequence"] = [t for t in tasks["sequence"] if t["name"] in keep]
+    for task in tasks["sequence"]:
+        task["max_train"] = budget["max_train"]
+        task["max_test"] = budget["max_test"]
+    wanted = tasks.get("orders", {}).get(order)
+    if wanted is not None:  # a named O-LoRA order, restricted to the budget's tasks
+        tasks["orders"] = {order: [name for name in wanted if name in keep]}
+        tasks["order"] = order
+    else:
+        tasks.pop("orders", None)
+        tasks.pop("order", None)
+    training = raw.setdefault("training", {})
+    training.update(budget.get("training", {}))
+    if "epochs_per_task" in training:  # the preset's per-task epochs (TRACE), scaled by the budget, for kept tasks
+        scale = budget.get("epochs_scale", 1.0)
+        training["epochs_per_task"] = {k: max(1, round(v * scale)) for k, v in training["epochs_per_task"].items()
+                                       if k in keep}
+    raw["distributed"] = {"num_workers": budget.get("num_workers", 2), "use_gpu": False, "zero_stage": 2,
+                          "cpus_per_worker": 1}
+    raw.setdefault("evaluation", {}).update(budget.get("evaluation", {}))
+    block = copy.deepcopy(method)
+    if block["name"] in ("sae_fd", "sae_reg"):
+        block["sae"] = {"path": base["sae"], "layer": base["layer"]}
+    raw["method"] = block
+    # the run dir is named by a hash of its settings: changing a budget starts fresh runs instead of tripping
+    # run_sequence's "written by a different config" check; unchanged settings resume
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:8]
+    raw["output"] = {"root": str(CACHE / "runs"),
+                     "run_name": f"{bench}-{budget_name}-o{order}-{block['name']}-{digest}"}
+    return raw
+
+
+def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, base: dict, data_root: Path,
+              methods: list[str] | None = None, orders: list[str] | None = None, log=print) -> dict:
+    """Every method × order of the budget; a failing run is recorded (error + traceback tail) and the suite goes on."""
+    import ray
+
+    from saefd_ray.config import load_config
+    from saefd_ray.train.sequence import run_sequence
+
+    preset = read_yaml_file(preset_path)
+    budget = bench_cfg["budgets"][budget_name]
+    methods = methods or budget["methods"]
+    orders = orders or [str(o) for o in budget["orders"]]
+    configs_dir = CACHE / "configs"
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        workers = budget.get("num_workers", 2)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
+    runs: dict[str, dict] = {}
+    for order in orders:
+        for name in methods:
+            key = f"o{order}/{name}"
+            raw = run_yaml(preset, budget, bench_cfg["methods"][name], order, base, bench, budget_name, data_root)
+            path = configs_dir / f"{raw['output']['run_name']}.yaml"
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            log(f"=== {bench} {budget_name}: order {order}, {name} ({path.relative_to(REPO)})")
+            began = time.time()
+            try:
+                results = run_sequence(load_config(path))
+            except Exception as err:  # noqa: BLE001 - one broken method must not sink the suite
+                runs[key] = {"order": order, "method": name, "error": f"{type(err).__name__}: {err}",
+                             "traceback": traceback.format_exc()[-2000:], "wall_s": round(time.time() - began, 1)}
+                log(f"!!! {key} failed: {type(err).__name__}: {err}")
+                continue
+            runs[key] = {"order": order, "method": name, "tasks": results["tasks"], "r_matrix": results["r_matrix"],
+                         "summary": results["summary"], "timings": results["timings"],
+                         "wall_s": round(time.time() - began, 1),
+                         "run_dir": str((CACHE / "runs" / raw["output"]["run_name"]).relative_to(REPO))}
+            s = results["summary"]
+            log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({runs[key]['wall_s']}s)")
+    return {"bench": bench, "budget": budget_name, "budget_config": budget, "methods": methods, "orders": orders,
+            "method_config": {m: bench_cfg["methods"][m] for m in methods}, "base": base, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _f(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def mean_over_orders(suite: dict) -> dict[str, dict]:
+    """Per method: mean AA / BWT / FWT over the orders that finished (None where no order has the value)."""
+    out = {}
+    for name in suite["methods"]:
+        done = [r for r in suite["runs"].values() if r["method"] == name and "summary" in r]
+        row = {"orders_done": len(done)}
+        for metric in ("aa", "bwt", "fwt"):
+            values = [r["summary"][metric] for r in done if r["summary"].get(metric) is not None]
+            row[metric] = fmean(values) if values else None
+        out[name] = row
+    return out
+
+
+def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) -> str:
+    lines = [f"# {title} — budget `{suite['budget']}`", ""] + notes + [""]
+    planned = suite["budget_config"].get("methods", [])
+    missing = [m for m in planned if m not in suite["methods"]] + [
+        key for key, run in suite["runs"].items() if "error" in run]
+    if missing or set(suite["orders"]) != {str(o) for o in suite["budget_config"].get("orders", [])}:
+        lines += [f"**PARTIAL run of this budget**: methods {', '.join(suite['methods'])} on orders "
+                  f"{', '.join(suite['orders'])}; not run or failed: {', '.join(missing) or '—'}. "
+                  "Not the budget's result.", ""]
+    base = suite["base"]
+    lines += [f"Base: `{Path(base['model']).name}` ({base['parameters'] / 1e6:.1f} M parameters, "
+              f"pre-trained {base['pretrain']['seconds']:.0f}s on {base['pretrain']['tokens']:,} tokens, final LM loss "
+              f"{base['pretrain']['final_loss']:.2f}); SAE: Gated, layer {base['layer']}"
+              + _sae_line(base) + ".", ""]
+    for order in suite["orders"]:
+        runs = [suite["runs"].get(f"o{order}/{m}") for m in suite["methods"]]
+        tasks = next((r["tasks"] for r in runs if r and "tasks" in r), [])
+        lines += [f"## Order {order}: {' → '.join(tasks)}", ""]
+        header = ["method", "AA", "BWT", "FWT", "mean forgetting", "wall (s)"]
+        if per_task:
+            header += [f"{t} (final)" for t in tasks]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, run in zip(suite["methods"], runs):
+            if run is None:
+                continue
+            if "error" in run:
+                lines.append(f"| {name} | failed: {run['error'][:120].replace('|', '/')} |" + " |" * (len(header) - 2))
+                continue
+            s = run["summary"]
+            cells = [name, _f(s["aa"]), _f(s["bwt"]), _f(s["fwt"]), _f(s.get("mean_forgetting")), _f(run["wall_s"], 0)]
+            if per_task:
+                cells += [_f(v) for v in run["r_matrix"][-1]]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(suite["orders"]) > 1:
+        lines += ["## Mean over orders", "", "| method | AA | BWT | FWT | orders |", "|---|---|---|---|---|"]
+        for name, row in mean_over_orders(suite).items():
+            lines.append(f"| {name} | {_f(row['aa'])} | {_f(row['bwt'])} | {_f(row['fwt'])} | {row['orders_done']} |")
+        lines.append("")
+    lines += ["## R matrices", "", "Row 0 is the base model; row t the scores after task t (mtl: one joint row).", ""]
+    for key, run in suite["runs"].items():
+        if "r_matrix" not in run:
+            continue
+        lines += [f"<details><summary>{key}</summary>", "", "| | " + " | ".join(run["tasks"]) + " |",
+                  "|" + "---|" * (len(run["tasks"]) + 1)]
+        for index, row in enumerate(run["r_matrix"]):
+            label = "base" if index == 0 else (f"after {run['tasks'][index - 1]}" if len(run["r_matrix"]) > 2
+                                               else "after all")
+            lines.append(f"| {label} | " + " | ".join(_f(v) for v in row) + " |")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _sae_line(base: dict) -> str:
+    layer = (base.get("sae_eval") or {}).get(str(base["layer"])) or {}
+    if not layer:
+        return ""
+    return f" (held-out FVU {_f(layer.get('fvu'), 3)}, L0 {_f(layer.get('l0'))})"
+
+
+def heatmaps(suite: dict, stem: str) -> list[Path]:
+    """One small PNG per order: the R matrix of every method side by side (Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    for order in suite["orders"]:
+        runs = [(m, suite["runs"].get(f"o{order}/{m}")) for m in suite["methods"]]
+        runs = [(m, r) for m, r in runs if r and "r_matrix" in r]
+        if not runs:
+            continue
+        cols = min(5, len(runs))
+        rows = math.ceil(len(runs) / cols)
+        fig = Figure(figsize=(2.4 * cols, 2.3 * rows), dpi=80)
+        FigureCanvasAgg(fig)
+        for index, (name, run) in enumerate(runs):
+            ax = fig.add_subplot(rows, cols, index + 1)
+            matrix = run["r_matrix"]
+            ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            for i, row in enumerate(matrix):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 60 else "black")
+            ax.set_title(f"{name}  AA {_f(run['summary']['aa'])}", fontsize=7)
+            ax.set_xticks(range(len(run["tasks"])), [t[:6] for t in run["tasks"]], fontsize=5, rotation=45)
+            ax.set_yticks(range(len(matrix)), ["base"] + [str(i) for i in range(1, len(matrix))], fontsize=5)
+        fig.suptitle(f"{suite['bench']} {suite['budget']}, order {order}: R matrices", fontsize=8)
+        fig.tight_layout()
+        path = RESULTS / f"{stem}_o{order}.png"
+        fig.savefig(path)
+        written.append(path)
+    return written
+
+
+def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task: bool = False) -> list[Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suite = dict(suite, mean=mean_over_orders(suite))
+    json_path = RESULTS / f"{stem}.json"
+    json_path.write_text(json.dumps(suite, indent=1))
+    md_path = RESULTS / f"{stem}.md"
+    md_path.write_text(markdown(suite, title, notes, per_task))
+    return [json_path, md_path, *heatmaps(suite, stem)]
