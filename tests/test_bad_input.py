@@ -147,3 +147,51 @@ def test_cli_prints_one_line_and_exits_2(args, expected):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def _sae_folder(tmp_path: Path, d_in: int = 64, layer: int = 1) -> Path:
+    from saefd_ray.sae import SAEConfig, build_sae, save_saelens
+
+    cfg = SAEConfig("gated", d_in, 128, metadata={"hook_name": f"blocks.{layer}.hook_resid_post"})
+    return save_saelens(build_sae(cfg, seed=0), tmp_path / f"sae-{d_in}-{layer}")
+
+
+def _drop_key(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    weights.pop("r_mag")
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "checksums.json").unlink(missing_ok=True)
+
+
+def _wrong_shape(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    weights["b_dec"] = weights["b_dec"][:10].clone()
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "checksums.json").unlink(missing_ok=True)
+
+
+def _corrupt(folder: Path) -> None:
+    (folder / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 8)
+    (folder / "checksums.json").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("d_in, layer, sae_layer, damage, expected", [
+    (64, 1, 9, None, "layer 9 is out of range"),
+    (32, 1, 1, None, "d_in 32"),
+    (64, 1, 1, _drop_key, "r_mag"),
+    (64, 1, 1, _wrong_shape, "b_dec"),
+    (64, 1, 1, _corrupt, "sae_weights.safetensors"),
+], ids=["layer out of range", "sae d_in mismatch", "sae missing weight", "sae wrong shape", "corrupt safetensors"])
+def test_bad_sae_is_refused_in_one_line(workspace, capsys, d_in, layer, sae_layer, damage, expected):
+    root, base = workspace
+    folder = _sae_folder(root, d_in, layer)
+    if damage:
+        damage(folder)
+    overrides = base + ["method.name=sae_fd", f"method.sae.path={folder}", f"method.sae.layer={sae_layer}"]
+    err = run_main(sum([["--set", s] for s in overrides], []), capsys)
+    assert expected in err, err
+    assert not (root / "runs").exists()

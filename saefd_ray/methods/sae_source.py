@@ -121,4 +121,5 @@ def validate_sources(cfg, model_path: str) -> None:
     for index, source in enumerate(sources):
         where = "method.sae" if len(sources) == 1 and not isinstance(cfg.sae, list) else f"method.sae.{index}"
         check_against_model(source, source.layer, hidden, n_layers, where)
+        load_sae(source, where)  # reads the weights: missing keys, wrong shapes, corrupt files fail here, in one line
 
