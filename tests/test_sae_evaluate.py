@@ -7,12 +7,7 @@ import torch
 from saefd_ray.sae import SAEConfig, build_sae, fast_mse, reconstruction_metrics, splice, sae_splice_fn, spliced_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_sae(d):

@@ -6,13 +6,7 @@ from saefd_ray.sae import SAEConfig, SparseCodes, build_sae
 from saefd_ray.sae.kernels import dense_to_coo, jumprelu, sparse_decode, sparse_encode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from threads, and the machine is shared: one thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 torch.manual_seed(0)

@@ -10,13 +10,7 @@ from saefd_ray.sae import (MixingBuffer, SAEConfig, SAETrainer, TrainerConfig, b
 D_IN, N_ATOMS, S, D_SAE = 32, 64, 4, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from threads, and the machine is shared: one thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_dictionary_problem(n=20_000, seed=0):
