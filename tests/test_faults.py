@@ -73,7 +73,7 @@ def load_results(run_dir: Path) -> dict:
 
 def test_nonfinite_loss_stops_with_a_clear_message(ray_cluster, tmp_path, cache_dir):
     overrides = two_task_overrides(tmp_path, cache_dir, "nonfinite")
-    config = load_config(None, [*overrides, "training.lr=1e12", "training.grad_clip=1e30", "training.epochs=1"])
+    config = load_config(None, [*overrides, "training.lr=.inf", "training.epochs=1"])
     with pytest.raises(NonFiniteLossError, match=r"task 'rule_a' epoch 1 step \d+: task loss is (nan|inf)"):
         run_sequence(config)
     assert not (task_dir(config.run_dir, 0, "rule_a") / MANIFEST).exists()  # nothing bad was published

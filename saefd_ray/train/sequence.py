@@ -22,7 +22,7 @@ from saefd_ray.errors import CheckpointError, NonFiniteLossError, UserError
 from saefd_ray.io import atomic_write_text, sha256_file
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
-from saefd_ray.train.worker import ROW_FILE, train_task
+from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
 
 CONFIG_FILE = "config.json"
 MANIFEST = "MANIFEST.json"  # written last into a task folder: its presence means "complete"
@@ -128,10 +128,11 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
         result = trainer.fit()
     except Exception as err:  # a user error raised inside a worker comes back wrapped by Ray: unwrap it
         raise _user_error_inside(err) or err
-    if "nonfinite" in (result.metrics or {}):
-        raise NonFiniteLossError(result.metrics["nonfinite"])
     if result.checkpoint is None:
         raise RuntimeError(f"task {tasks[index].name!r}: training finished without a checkpoint")
+    marker = Path(result.checkpoint.path) / NONFINITE_FILE
+    if marker.exists():
+        raise NonFiniteLossError(marker.read_text())
     return Path(result.checkpoint.path)
 
 

@@ -28,6 +28,7 @@ from saefd_ray.methods.base import ADAPTER, TaskContext
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
 
 ROW_FILE = "row.json"
+NONFINITE_FILE = "NONFINITE.txt"  # a marker checkpoint: the driver raises its message and publishes nothing
 PROGRESS_FILE = "progress.pt"
 
 
@@ -129,7 +130,7 @@ def train_task(loop: dict) -> None:
                 message = _nonfinite(config, tasks[task_index].name, epoch, step, task_loss, extra)
                 if message is None:
                     continue
-                ray.train.report({"nonfinite": message})  # the driver raises it; nothing bad is checkpointed
+                _report_nonfinite(message, rank)
                 return
             engine.backward(total)
             engine.step()
@@ -170,6 +171,16 @@ def _mean_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def _report_nonfinite(message: str, rank: int) -> None:
+    """Hand the message to the driver (Ray Train V2 returns the metrics of the latest checkpoint only)."""
+    checkpoint = None
+    if rank == 0:
+        folder = Path(tempfile.mkdtemp(prefix="saefd-nonfinite-"))
+        (folder / NONFINITE_FILE).write_text(message)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    ray.train.report({"nonfinite": message}, checkpoint=checkpoint)
 
 
 def _any_rank(flag: bool, device) -> bool:
