@@ -66,8 +66,10 @@ def init_ray(config: SaeTrainConfig) -> None:
     if ray.is_initialized():
         return
     address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"excludes": ["runs/", ".venv*/", "*.safetensors", ".git/"]})
+    if address:  # a cluster or a submitted job: join it as run_sequence does (uploads are the submitter's)
+        from saefd_ray.train.sequence import init_ray as join_cluster
+
+        join_cluster(address)
         return
     d, data = config.distributed, config.data
     need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
