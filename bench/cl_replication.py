@@ -32,9 +32,11 @@ DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
 
 NOTES = [
     "O-LoRA's standard CL benchmark (yelp in yahoo's place) on the bench base model (bench/make_base.py), "
-    "LoRA on q/v, every method with the same base, LoRA, data and budget; scores are label accuracy by ranking "
+    "LoRA as the budget says (configs/bench/cl4.yaml), every method with the same base, LoRA, data and budget; "
+    "scores are label accuracy by ranking "
     "the label options' log-likelihood (0–100). AA = mean of the last R row; BWT, FWT as in TRACE / O-LoRA "
-    "(`saefd_ray/eval/summary.py`). Hyperparameters: fixed defaults (configs/bench/cl4.yaml), never tuned on test.",
+    "(`saefd_ray/eval/summary.py`). LoRA and lr were chosen with seq_lora on validation examples carved from the "
+    "training splits; every method's own hyperparameters are fixed defaults (configs/bench/cl4.yaml); nothing saw test.",
     "mtl trains all tasks jointly (one row: only AA); per_task trains a fresh adapter per task.",
 ]
 

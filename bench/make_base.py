@@ -195,7 +195,8 @@ def build_base(cfg: dict, log=print) -> Path:
 def build_sae(cfg: dict, base_dir: Path, log=print) -> Path:
     """Train (or resume / reuse) the SAE with jobs/train_sae.py; returns its SAELens folder for the configured layer."""
     s = cfg["sae"]
-    run_name = f"sae-{base_dir.name.removeprefix('base-')}-L{s['layer']}-{s['tokens']}"
+    sae_cfg = hashlib.sha256(resolve_repo_path(s["config"]).read_bytes()).hexdigest()[:6]  # its settings, too
+    run_name = f"sae-{base_dir.name.removeprefix('base-')}-L{s['layer']}-{s['tokens']}-{sae_cfg}"
     run_dir = CACHE / run_name
     report = run_dir / "sae_report.json"
     if not report.is_file():

@@ -93,7 +93,7 @@ def codes(sae: SparseAutoencoder, x: Tensor) -> Tensor:
     arch = sae.cfg.architecture
     x = x.to(sae.dtype)
     if arch == "gated":
-        pi_gate, pi_mag = sae._paths(x)
+        pi_gate, pi_mag = sae.gate_paths(x)
         return pi_mag.relu() * (pi_gate > 0)
     if arch == "standard":
         return sae.pre_acts(x, sae.b_enc).relu()

@@ -27,18 +27,18 @@ class GatedSAE(SparseAutoencoder):
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
 
-    def _paths(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+    def gate_paths(self, x2: Tensor) -> tuple[Tensor, Tensor]:
         base = self.pre_acts(x2, torch.zeros_like(self.b_gate))
         return base + self.b_gate, torch.addcmul(self.b_mag, base, self.r_mag.exp())
 
     def encode(self, x: Tensor) -> Tensor:
-        pi_gate, pi_mag = self._paths(x.reshape(-1, self.cfg.d_in))
+        pi_gate, pi_mag = self.gate_paths(x.reshape(-1, self.cfg.d_in))
         f = pi_mag.relu_().mul_(pi_gate > 0)
         return f.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         x2 = x.reshape(-1, self.cfg.d_in)
-        pi_gate, pi_mag = self._paths(x2)
+        pi_gate, pi_mag = self.gate_paths(x2)
         f = pi_mag.relu() * (pi_gate > 0)
         x_hat = self.decode_train(f)
         mse = mse_loss(x_hat, x2)

@@ -188,7 +188,9 @@ def harvest_batch(model, ids: list[list[int]], instance_ids: list[int], layers: 
     for row, x in enumerate(ids):
         input_ids[row, : len(x)] = torch.tensor(x)
         mask[row, : len(x)] = 1
-    acts = residual_stream(model, input_ids.to(device), mask.to(device), layers)
+    # an unpadded batch needs no mask: the causal fast path of SDPA is the same computation, and cheaper
+    padded = any(len(x) != width for x in ids)
+    acts = residual_stream(model, input_ids.to(device), mask.to(device) if padded else None, layers)
     keep = mask.bool()
     tokens = input_ids[keep].numpy()
     positions = torch.arange(width).expand(len(ids), width)[keep].numpy()

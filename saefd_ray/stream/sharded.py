@@ -171,7 +171,7 @@ class LatentShard(nn.Module):
             losses = {"mse": mse, "l1": l1}
             loss = mse + p.sparsity_coefficient * l1
         elif arch == "gated":
-            pi_gate, pi_mag = p._paths(x2)
+            pi_gate, pi_mag = p.gate_paths(x2)
             gate_act = pi_gate.relu()
             f = pi_mag.relu() * (pi_gate > 0)
             x_hat = self._partial(f)
