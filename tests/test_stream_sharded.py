@@ -77,6 +77,7 @@ def test_sharded_matches_single_process(ray_cluster, tmp_path, sharding, arch):
 
     assert metrics["steps"] == len(ref_losses) == 7
     assert metrics["tokens"] == 7 * 128
+    assert 0 < metrics["tokens_per_s"] and 0 < metrics["steady_tokens_per_s"]  # the rate after step 1 exists
     np.testing.assert_allclose(metrics["losses"], ref_losses, rtol=2e-4, atol=1e-5)
     if arch == "gated":
         assert ref_losses[-1] < ref_losses[0]  # it trains

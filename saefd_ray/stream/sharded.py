@@ -424,7 +424,7 @@ def train_loop_per_worker(loop: dict) -> None:
     next_ckpt = (trainers[layers[0]].tokens_seen // every + 1) * every if every else None
     history: list[dict] = []
     began, tokens_at_start = time.perf_counter(), trainers[layers[0]].tokens_seen
-    last_log, ran_out = began, False
+    last_log, ran_out, first_step = began, False, None
     while trainers[layers[0]].tokens_seen < t.tokens:
         batches = {}
         for layer in layers:
@@ -440,6 +440,8 @@ def train_loop_per_worker(loop: dict) -> None:
             from saefd_ray.errors import NonFiniteLossError
 
             raise NonFiniteLossError(f"SAE step {tr0.step_count}: non-finite loss {step_metrics}")
+        if first_step is None:  # the steady rate starts after the first step (buffer filled, stream running)
+            first_step = (time.perf_counter(), tr0.tokens_seen)
         history.append({"step": tr0.step_count, "tokens": tr0.tokens_seen,
                         **{f"L{layer}/{k}": v for layer, m in step_metrics.items() for k, v in m.items()}})
         if tr0.step_count % t.log_every_steps == 0:
@@ -462,6 +464,7 @@ def train_loop_per_worker(loop: dict) -> None:
         _write_history(run_dir, history, loop.get("resume") is not None)
     metrics = {"steps": tr0.step_count, "tokens": tr0.tokens_seen, "elapsed_s": elapsed,
                "tokens_per_s": (tr0.tokens_seen - tokens_at_start) / max(elapsed, 1e-9),
+               "steady_tokens_per_s": _steady_rate(first_step, tr0.tokens_seen),
                "ran_out_of_data": ran_out, "checkpoint": str(path),
                "losses": [h[f"L{layers[0]}/loss"] for h in history]}
     del last_log
@@ -475,6 +478,13 @@ def train_loop_per_worker(loop: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
     else:
         ray.train.report(metrics)
+
+
+def _steady_rate(first_step: tuple[float, int] | None, tokens: int) -> float | None:
+    """Tokens/s after the first step: start-up, stream warm-up and the first buffer fill excluded."""
+    if first_step is None or tokens <= first_step[1]:
+        return None
+    return (tokens - first_step[1]) / max(time.perf_counter() - first_step[0], 1e-9)
 
 
 def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[int], SAEConfig]:
