@@ -51,6 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def write(suite: dict, base_s: float, began: float) -> list:
+    """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
+    runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
+    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
+                       "runs": round(runs_s, 1)}
+    notes = NOTES + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "
+                     f"earlier call trained are only loaded); base + SAE {base_s:.0f}s (≈0 when cached)."]
+    if suite["budget"] == "smoke":
+        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
+    return write_outputs(suite, f"cl4_{suite['budget']}", "CL benchmark (O-LoRA, 4 tasks)", notes)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     bench_cfg = read_yaml_file(args.config)
@@ -63,12 +75,9 @@ def main(argv=None) -> dict:
     base_s = time.time() - began
     suite = run_suite("cl4", resolve_repo_path(bench_cfg["preset"]), bench_cfg, args.budget, base, data_root,
                       methods=args.methods.split(",") if args.methods else None,
-                      orders=args.orders.split(",") if args.orders else None)
-    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "suite": round(time.time() - began - base_s, 1)}
-    notes = NOTES + [f"Wall time: base + SAE {base_s:.0f}s (0 when cached), suite {suite['wall_s']['suite']:.0f}s."]
-    if args.budget == "smoke":
-        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
-    for path in write_outputs(suite, f"cl4_{args.budget}", "CL benchmark (O-LoRA, 4 tasks)", notes):
+                      orders=args.orders.split(",") if args.orders else None,
+                      on_run=lambda partial: write(partial, base_s, began))
+    for path in write(suite, base_s, began):
         print(f"wrote {path.relative_to(REPO)}")
     return suite
 

@@ -80,7 +80,7 @@ def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, b
 
 
 def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, base: dict, data_root: Path,
-              methods: list[str] | None = None, orders: list[str] | None = None, log=print) -> dict:
+              methods: list[str] | None = None, orders: list[str] | None = None, log=print, on_run=None) -> dict:
     """Every method × order of the budget; a failing run is recorded (error + traceback tail) and the suite goes on."""
     import ray
 
@@ -97,6 +97,11 @@ def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, 
         workers = budget.get("num_workers", 2)
         ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
     runs: dict[str, dict] = {}
+
+    def suite_dict(runs: dict) -> dict:
+        return {"bench": bench, "budget": budget_name, "budget_config": budget, "methods": methods, "orders": orders,
+                "method_config": {m: bench_cfg["methods"][m] for m in methods}, "base": base, "runs": dict(runs)}
+
     for order in orders:
         for name in methods:
             key = f"o{order}/{name}"
@@ -112,14 +117,42 @@ def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, 
                              "traceback": traceback.format_exc()[-2000:], "wall_s": round(time.time() - began, 1)}
                 log(f"!!! {key} failed: {type(err).__name__}: {err}")
                 continue
+            run_dir = CACHE / "runs" / raw["output"]["run_name"]
             runs[key] = {"order": order, "method": name, "tasks": results["tasks"], "r_matrix": results["r_matrix"],
                          "summary": results["summary"], "timings": results["timings"],
-                         "wall_s": round(time.time() - began, 1),
-                         "run_dir": str((CACHE / "runs" / raw["output"]["run_name"]).relative_to(REPO))}
+                         **run_cost(run_dir, results, round(time.time() - began, 1)),
+                         "run_dir": str(run_dir.relative_to(REPO))}
             s = results["summary"]
             log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({runs[key]['wall_s']}s)")
-    return {"bench": bench, "budget": budget_name, "budget_config": budget, "methods": methods, "orders": orders,
-            "method_config": {m: bench_cfg["methods"][m] for m in methods}, "base": base, "runs": runs}
+            if on_run is not None:  # a suite cut short still leaves its report
+                on_run(suite_dict(runs))
+    return suite_dict(runs)
+
+
+WALL_FILE = "bench_wall.json"
+
+
+def run_cost(run_dir: Path, results: dict, wall_s: float) -> dict:
+    """Wall time and mean median step time of one run. A run trained by an earlier (interrupted) call keeps the
+    wall time that call recorded in the run dir; this call only loaded it."""
+    from saefd_ray.io import atomic_write_text
+
+    steps = [json.loads(f.read_text()).get("median_step_s") for f in sorted(run_dir.glob("tasks/*/row.json"))]
+    cost = {"wall_s": wall_s, "median_step_s": fmean([x for x in steps if x]) if any(steps) else None}
+    if any(k.startswith("task_") for k in results["timings"]):
+        cost["resumed"] = not is_whole(results)  # then wall_s covers only the stages this call trained
+        atomic_write_text(run_dir / WALL_FILE, json.dumps(cost))
+    elif (run_dir / WALL_FILE).is_file():
+        cost.update({k: v for k, v in json.loads((run_dir / WALL_FILE).read_text()).items() if k != "median_step_s"})
+    else:
+        cost["wall_s"] = None  # trained before wall times were recorded in the run dir
+    return cost
+
+
+def is_whole(results: dict) -> bool:
+    """Every stage of the run was trained in this call (none loaded from an earlier one)."""
+    stages = 1 if len(results["r_matrix"]) == 2 and len(results["tasks"]) > 1 else len(results["tasks"])
+    return sum(k.startswith("task_") for k in results["timings"]) == stages
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -144,11 +177,38 @@ def mean_over_orders(suite: dict) -> dict[str, dict]:
     return out
 
 
+REGULARIZERS = ("ewc", "l2", "lwf", "sae_reg")
+
+
+def target_lines(suite: dict) -> list[str]:
+    """Issue 8's targets, per order: SAE-FD's AA best among the regularizers, its BWT >= -2, step time <= 1.15x."""
+    out = []
+    for order in suite["orders"]:
+        runs = {m: suite["runs"].get(f"o{order}/{m}") for m in suite["methods"]}
+        fd = runs.get("sae_fd")
+        if not fd or "summary" not in fd:
+            continue
+        rivals = {m: r["summary"]["aa"] for m, r in runs.items() if m in REGULARIZERS and r and "summary" in r}
+        best = max(rivals.items(), key=lambda kv: kv[1]) if rivals else None
+        aa, bwt = fd["summary"]["aa"], fd["summary"]["bwt"]
+        verdict = "n/a (no regularizer ran)" if best is None else (
+            f"{'yes' if aa > best[1] else 'no'} (SAE-FD {_f(aa)} vs best of {', '.join(rivals)}: {best[0]} {_f(best[1])})")
+        seq = runs.get("seq_lora")
+        ratio = (fd.get("median_step_s") / seq["median_step_s"]) if seq and seq.get("median_step_s") and \
+            fd.get("median_step_s") else None
+        out += [f"- order {order}: best AA among the regularizers: {verdict}; BWT {_f(bwt)} "
+                f"({'meets' if bwt is not None and bwt >= -2 else 'misses'} >= -2); median step "
+                f"{_f(ratio, 2)}x SeqLoRA's (target <= 1.15x; step times are only comparable between runs on an "
+                f"equally loaded machine)"]
+    return (["## Targets (issue 8)", ""] + out + [""]) if out else []
+
+
 def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) -> str:
     lines = [f"# {title} — budget `{suite['budget']}`", ""] + notes + [""]
     planned = suite["budget_config"].get("methods", [])
     missing = [m for m in planned if m not in suite["methods"]] + [
-        key for key, run in suite["runs"].items() if "error" in run]
+        key for key, run in suite["runs"].items() if "error" in run] + [
+        f"o{o}/{m}" for o in suite["orders"] for m in suite["methods"] if f"o{o}/{m}" not in suite["runs"]]
     if missing or set(suite["orders"]) != {str(o) for o in suite["budget_config"].get("orders", [])}:
         lines += [f"**PARTIAL run of this budget**: methods {', '.join(suite['methods'])} on orders "
                   f"{', '.join(suite['orders'])}; not run or failed: {', '.join(missing) or '—'}. "
@@ -162,7 +222,7 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
         runs = [suite["runs"].get(f"o{order}/{m}") for m in suite["methods"]]
         tasks = next((r["tasks"] for r in runs if r and "tasks" in r), [])
         lines += [f"## Order {order}: {' → '.join(tasks)}", ""]
-        header = ["method", "AA", "BWT", "FWT", "mean forgetting", "wall (s)"]
+        header = ["method", "AA", "BWT", "FWT", "mean forgetting", "median step (s)", "wall (s)"]
         if per_task:
             header += [f"{t} (final)" for t in tasks]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -173,7 +233,9 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
                 lines.append(f"| {name} | failed: {run['error'][:120].replace('|', '/')} |" + " |" * (len(header) - 2))
                 continue
             s = run["summary"]
-            cells = [name, _f(s["aa"]), _f(s["bwt"]), _f(s["fwt"]), _f(s.get("mean_forgetting")), _f(run["wall_s"], 0)]
+            wall = _f(run.get("wall_s"), 0) + (" (resumed)" if run.get("resumed") else "")
+            cells = [name, _f(s["aa"]), _f(s["bwt"]), _f(s["fwt"]), _f(s.get("mean_forgetting")),
+                     _f(run.get("median_step_s"), 2), wall]
             if per_task:
                 cells += [_f(v) for v in run["r_matrix"][-1]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -183,6 +245,7 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
         for name, row in mean_over_orders(suite).items():
             lines.append(f"| {name} | {_f(row['aa'])} | {_f(row['bwt'])} | {_f(row['fwt'])} | {row['orders_done']} |")
         lines.append("")
+    lines += target_lines(suite)
     lines += ["## R matrices", "", "Row 0 is the base model; row t the scores after task t (mtl: one joint row).", ""]
     for key, run in suite["runs"].items():
         if "r_matrix" not in run:
@@ -242,7 +305,9 @@ def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task
     RESULTS.mkdir(parents=True, exist_ok=True)
     suite = dict(suite, mean=mean_over_orders(suite))
     json_path = RESULTS / f"{stem}.json"
-    json_path.write_text(json.dumps(suite, indent=1))
+    from saefd_ray.io import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps(suite, indent=1))
     md_path = RESULTS / f"{stem}.md"
-    md_path.write_text(markdown(suite, title, notes, per_task))
+    atomic_write_text(md_path, markdown(suite, title, notes, per_task))
     return [json_path, md_path, *heatmaps(suite, stem)]

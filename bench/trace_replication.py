@@ -36,6 +36,18 @@ NOTES = [
 ]
 
 
+def write(suite: dict, base_s: float, began: float) -> list:
+    """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
+    runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
+    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
+                       "runs": round(runs_s, 1)}
+    notes = NOTES + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "
+                     f"earlier call trained are only loaded); base + SAE {base_s:.0f}s (≈0 when cached)."]
+    if suite["budget"] == "smoke":
+        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
+    return write_outputs(suite, f"trace_{suite['budget']}", "TRACE (7 tasks)", notes, per_task=True)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="small", help="smoke, small or full")
@@ -52,12 +64,9 @@ def main(argv=None) -> dict:
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began
     suite = run_suite("trace", resolve_repo_path(bench_cfg["preset"]), bench_cfg, args.budget, base, data_root,
-                      methods=args.methods.split(",") if args.methods else None)
-    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "suite": round(time.time() - began - base_s, 1)}
-    notes = NOTES + [f"Wall time: base + SAE {base_s:.0f}s (0 when cached), suite {suite['wall_s']['suite']:.0f}s."]
-    if args.budget == "smoke":
-        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
-    for path in write_outputs(suite, f"trace_{args.budget}", "TRACE (7 tasks)", notes, per_task=True):
+                      methods=args.methods.split(",") if args.methods else None,
+                      on_run=lambda partial: write(partial, base_s, began))
+    for path in write(suite, base_s, began):
         print(f"wrote {path.relative_to(REPO)}")
     return suite
 
