@@ -138,21 +138,17 @@ def run_cost(run_dir: Path, results: dict, wall_s: float) -> dict:
     from saefd_ray.io import atomic_write_text
 
     steps = [json.loads(f.read_text()).get("median_step_s") for f in sorted(run_dir.glob("tasks/*/row.json"))]
-    cost = {"wall_s": wall_s, "median_step_s": fmean([x for x in steps if x]) if any(steps) else None}
-    if any(k.startswith("task_") for k in results["timings"]):
-        cost["resumed"] = not is_whole(results)  # then wall_s covers only the stages this call trained
-        atomic_write_text(run_dir / WALL_FILE, json.dumps(cost))
+    cost = {"median_step_s": fmean([x for x in steps if x]) if any(steps) else None}
+    trained = sum(k.startswith("task_") for k in results["timings"])
+    if trained:
+        # fewer stages trained now than the R matrix has rows after the base: wall_s covers only this call's part
+        wall = {"wall_s": wall_s, "resumed": trained < len(results["r_matrix"]) - 1}
+        atomic_write_text(run_dir / WALL_FILE, json.dumps(wall))
     elif (run_dir / WALL_FILE).is_file():
-        cost.update({k: v for k, v in json.loads((run_dir / WALL_FILE).read_text()).items() if k != "median_step_s"})
+        wall = json.loads((run_dir / WALL_FILE).read_text())
     else:
-        cost["wall_s"] = None  # trained before wall times were recorded in the run dir
-    return cost
-
-
-def is_whole(results: dict) -> bool:
-    """Every stage of the run was trained in this call (none loaded from an earlier one)."""
-    stages = 1 if len(results["r_matrix"]) == 2 and len(results["tasks"]) > 1 else len(results["tasks"])
-    return sum(k.startswith("task_") for k in results["timings"]) == stages
+        wall = {"wall_s": None}  # trained before wall times were recorded in the run dir
+    return {**cost, "wall_s": wall.get("wall_s"), "resumed": bool(wall.get("resumed"))}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -311,3 +307,16 @@ def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task
     md_path = RESULTS / f"{stem}.md"
     atomic_write_text(md_path, markdown(suite, title, notes, per_task))
     return [json_path, md_path, *heatmaps(suite, stem)]
+
+
+def write_suite(suite: dict, bench: str, title: str, notes: list[str], base_s: float, began: float,
+                per_task: bool = False) -> list[Path]:
+    """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
+    runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
+    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
+                       "runs": round(runs_s, 1)}
+    notes = notes + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "
+                     f"earlier call trained are only loaded); base + SAE {base_s:.0f}s (≈0 when cached)."]
+    if suite["budget"] == "smoke":
+        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
+    return write_outputs(suite, f"{bench}_{suite['budget']}", title, notes, per_task)

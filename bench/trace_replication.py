@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_outputs  # noqa: E402
+from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "trace.yaml"
 
@@ -37,15 +37,7 @@ NOTES = [
 
 
 def write(suite: dict, base_s: float, began: float) -> list:
-    """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
-    runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
-    suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
-                       "runs": round(runs_s, 1)}
-    notes = NOTES + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "
-                     f"earlier call trained are only loaded); base + SAE {base_s:.0f}s (≈0 when cached)."]
-    if suite["budget"] == "smoke":
-        notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
-    return write_outputs(suite, f"trace_{suite['budget']}", "TRACE (7 tasks)", notes, per_task=True)
+    return write_suite(suite, "trace", "TRACE (7 tasks)", NOTES, base_s, began, per_task=True)
 
 
 def main(argv=None) -> dict:
