@@ -1,7 +1,7 @@
 """Scoring a model on a task's test split, sharded over the Ray Train workers.
 
-Classification tasks rank their label options by log-likelihood (one forward per batch, no generation: fast
-on CPU and not fooled by formatting); other tasks generate greedily and score the text. Each worker takes
+Classification tasks rank their label options by log-likelihood (no generation: fast on CPU and not fooled
+by formatting); other tasks generate greedily and score the text. Each worker takes
 every world_size-th example and the predictions are gathered; all ranks run the same number of forward
 passes (padding batches are scored and dropped), which ZeRO-3 needs because its forward is collective.
 """
@@ -13,32 +13,69 @@ import math
 import torch
 import torch.distributed as dist
 
-from saefd_ray.data.render import IGNORE, Encoded, answer_ids, collate, prompt_ids
+from saefd_ray.data.render import answer_ids, prompt_ids
 from saefd_ray.data.tasks import Example, Task
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left, so every row's next token goes in the same column (generation, caching)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def option_predictions(model, tokenizer, examples: list[Example], options: list[str], cfg, device) -> list[str]:
-    """argmax over options of Σ log p(option tokens | prompt)."""
-    items: list[Encoded] = []
-    for example in examples:
-        prompt = prompt_ids(tokenizer, example.prompt, cfg.training.max_prompt_len)
-        for option in options:
-            answer = answer_ids(tokenizer, option, cfg.training.max_answer_len)
-            items.append(Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, len(prompt)))
+def option_scores(model, tokenizer, examples: list[Example], options: list[str], cfg, device) -> torch.Tensor:
+    """Σ log p(option tokens | prompt) for every (example, option): a (len(examples), len(options)) tensor.
+
+    Each batch of prompts runs once; its KV cache is repeated for the options, which then run as one short
+    batch. With 14 labels and 100-token prompts that is ~10x fewer tokens than scoring prompt+option per
+    option. Both passes run on every batch, so ranks keep equal forward counts (ZeRO-3).
+    """
+    n = len(options)
+    encoded = [answer_ids(tokenizer, option, cfg.training.max_answer_len) for option in options]
+    width = max(len(tokens) for tokens in encoded)  # >= 2: every option ends with EOS
+    option_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    option_mask = torch.zeros_like(option_ids)
+    for row, tokens in enumerate(encoded):
+        option_ids[row, : len(tokens)] = torch.tensor(tokens)
+        option_mask[row, : len(tokens)] = 1
+    option_ids, option_mask = option_ids.to(device), option_mask.to(device)
+    steps = torch.arange(width - 1, device=device)
     scores = []
-    step = max(1, cfg.evaluation.batch_size) * len(options)
-    for start in range(0, len(items), step):
-        batch = {k: v.to(device) for k, v in collate(items[start : start + step], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = targets != IGNORE
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * mask).sum(-1).cpu())
-    if not scores:
-        return []
-    best = torch.cat(scores).view(len(examples), len(options)).argmax(-1)
+    bs = max(1, cfg.evaluation.batch_size)
+    for start in range(0, len(examples), bs):
+        prompts = [prompt_ids(tokenizer, e.prompt, cfg.training.max_prompt_len) for e in examples[start : start + bs]]
+        ids, mask = (t.to(device) for t in left_padded(prompts, tokenizer.pad_token_id))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)  # rows: example 0 option 0..n-1, example 1 option 0..n-1, ...
+        rows = len(prompts) * n
+        targets = option_ids.repeat(len(prompts), 1)
+        targets_mask = option_mask.repeat(len(prompts), 1)
+        # The prompt's last logits score each option's first token; the options' own pass scores the rest.
+        first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(n, 0)
+        first = first.gather(-1, targets[:, :1]).squeeze(-1)
+        rest = model(
+            input_ids=targets[:, :-1],
+            attention_mask=torch.cat([mask.repeat_interleave(n, 0), targets_mask[:, :-1]], -1),
+            position_ids=positions[:, -1:].repeat_interleave(n, 0) + 1 + steps.expand(rows, -1),
+            past_key_values=cache,
+            use_cache=False,
+        ).logits.float()
+        picked = torch.log_softmax(rest, -1).gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores.append((first + (picked * targets_mask[:, 1:]).sum(-1)).view(len(prompts), n).cpu())
+    return torch.cat(scores) if scores else torch.empty(0, n)
+
+
+def option_predictions(model, tokenizer, examples: list[Example], options: list[str], cfg, device) -> list[str]:
+    """The most likely option of each example."""
+    best = option_scores(model, tokenizer, examples, options, cfg, device).argmax(-1)
     return [options[i] for i in best.tolist()]
 
 
@@ -48,12 +85,8 @@ def generated_predictions(model, tokenizer, examples: list[Example], cfg, device
     bs = cfg.evaluation.batch_size
     for start in range(0, len(examples), bs):
         prompts = [prompt_ids(tokenizer, e.prompt, cfg.training.max_prompt_len) for e in examples[start : start + bs]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # left padding for generation
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
