@@ -125,6 +125,24 @@ def test_truncated_forward_equals_full_forward(tiny_model_path, tokenizer):
     torch.testing.assert_close(both[1][mask], full[1][mask], rtol=1e-5, atol=1e-5)
 
 
+def test_lora_init_is_the_same_for_every_method_whatever_rng_it_used(tiny_model_path, tokenizer, sae_dir):
+    """Methods differ in what they draw before wrapping (an SAE, old adapters); the new LoRA must not."""
+    inits = []
+    for method, noise in (({"name": "seq_lora"}, 0), ({"name": "sae_fd"}, 3)):
+        config = make_config(method, sae_dir)
+        torch.manual_seed(0)
+        torch.randn(noise)  # RNG used by the method before the LoRA is made
+        ctx = context(config, tiny_model_path, tokenizer, None)
+        model = build_method(config).prepare_model(load_model(tiny_model_path), ctx)
+        inits.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert inits[0].keys() == inits[1].keys() and len(inits[0]) > 0
+    assert all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])
+    later = make_config({"name": "seq_lora"})  # another task of the same run starts from another draw
+    model = build_method(later).prepare_model(load_model(tiny_model_path),
+                                             context(later, tiny_model_path, tokenizer, None, index=1))
+    assert not all(torch.equal(p, inits[0][n]) for n, p in model.named_parameters() if "lora_A" in n)
+
+
 def test_anchors_round_trip_and_batch_order(tiny_model_path, tokenizer, tmp_path):
     model = lora_model(tiny_model_path).eval()
     sae = make_sae()

@@ -81,7 +81,9 @@ class Method:
             target_modules=list(lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, peft_config)
+        with torch.random.fork_rng(devices=[]):  # the same LoRA init for every method, whatever RNG it used before
+            torch.manual_seed(self.config.training.seed + 1000 * ctx.task_index)
+            model = get_peft_model(model, peft_config)
         if ctx.state_in is not None and not self.fresh_adapter_per_task:
             set_peft_model_state_dict(model, load_adapter_weights(ctx.state_in / ADAPTER))
         return model
