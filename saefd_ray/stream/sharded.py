@@ -424,7 +424,7 @@ def train_loop_per_worker(loop: dict) -> None:
     next_ckpt = (trainers[layers[0]].tokens_seen // every + 1) * every if every else None
     history: list[dict] = []
     began, tokens_at_start = time.perf_counter(), trainers[layers[0]].tokens_seen
-    last_log, ran_out, first_step = began, False, None
+    ran_out, first_step = False, None
     while trainers[layers[0]].tokens_seen < t.tokens:
         batches = {}
         for layer in layers:
@@ -452,7 +452,6 @@ def train_loop_per_worker(loop: dict) -> None:
                          for layer, m in step_metrics.items()]
                 print(f"[sae] step {tr0.step_count} tokens {tr0.tokens_seen:,} ({rate:,.0f} tok/s) "
                       + " | ".join(parts), flush=True)
-            last_log = now
         if next_ckpt and tr0.tokens_seen >= next_ckpt and tr0.tokens_seen < t.tokens:
             save_distributed_checkpoint(run_dir, trainers, consumed, rank, world, history_tail=history[-1])
             next_ckpt += every
@@ -467,7 +466,6 @@ def train_loop_per_worker(loop: dict) -> None:
                "steady_tokens_per_s": _steady_rate(first_step, tr0.tokens_seen),
                "ran_out_of_data": ran_out, "checkpoint": str(path),
                "losses": [h[f"L{layers[0]}/loss"] for h in history]}
-    del last_log
     # Train V2 hands the driver the metrics of the last report that carried a checkpoint: rank 0 attaches a tiny
     # one (the real checkpoint lives in run_dir, see save_distributed_checkpoint).
     if rank == 0:
