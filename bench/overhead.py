@@ -9,6 +9,10 @@ its ratio to SeqLoRA's. One process, `--threads` torch threads (1 = what a Ray w
 DeepSpeed is left out: it adds the same per-step work to every method.
 
     python bench/overhead.py [--rounds 7] [--steps 20] [--threads 1] [--out bench/results/overhead.json]
+    python bench/overhead.py --methods seq_lora,sae_fd --set model.tiny.hidden_size=512 --set model.tiny.num_layers=8 \
+        --set model.tiny.intermediate_size=1376 --set model.tiny.num_heads=8 --out bench/results/overhead_wide.json
+
+The SAE sits at mid-depth (layer n_layers/2 − 1), so the anchor pass runs half the layers whatever the model.
 
 Target (issue 5): SAE-FD ≤ 1.15× SeqLoRA (the paper reports 1.85×).
 """
@@ -50,12 +54,12 @@ def parse_spec(spec: str) -> tuple[str, str, list[str]]:
     return label, name, [s for s in sets.split(";") if s]
 
 
-def setup(spec: str, overrides: list[str], model_path: str, tasks, sae_dir: Path, work: Path, batches):
+def setup(spec: str, overrides: list[str], model_path: str, tasks, sae_dir: Path, layer: int, work: Path, batches):
     """Model + method as the worker has them at the start of task 2, with task 1's state on disk."""
     label, name, variant = parse_spec(spec)
     extra = [f"method.name={name}"]
     if name in ("sae_fd", "sae_reg"):
-        extra += [f"method.sae.path={sae_dir}", "method.sae.layer=1"]
+        extra += [f"method.sae.path={sae_dir}", f"method.sae.layer={layer}"]
     config = load_config(None, extra + [o for o in overrides if o.startswith(("training.", "lora."))]
                          + [o.split(":", 1)[1] for o in overrides if o.startswith(name + ":")] + variant)
     tokenizer = load_tokenizer(model_path)
@@ -117,7 +121,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--d-sae", type=int, default=None, help="SAE width (default 8 × hidden)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="training.x=v / lora.x=v for all, or METHOD:method.x=v for one (e.g. sae_fd:method.anchor_batch=2)")
+                        help="training.x=v / lora.x=v / model.x=v for all, or METHOD:method.x=v for one "
+                             "(e.g. sae_fd:method.anchor_batch=2; model.tiny.hidden_size=512 for a wider model)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,23 +131,25 @@ def main(argv=None) -> dict:
         specs = ["seq_lora"] + specs
     names = [parse_spec(s)[0] for s in specs]
 
-    base_cfg = load_config(args.config, [o for o in args.overrides if o.startswith(("training.", "lora."))])
+    base_cfg = load_config(args.config, [o for o in args.overrides if o.startswith(("training.", "lora.", "model."))])
     tasks = load_tasks(base_cfg)[:2]
     model_path = resolve_model_path(base_cfg.model, tokenizer_corpus(load_tasks(base_cfg)))
     tokenizer = load_tokenizer(model_path)
-    hidden = load_model(model_path).config.hidden_size
+    model_config = load_model(model_path).config
+    hidden = model_config.hidden_size
+    layer = model_config.num_hidden_layers // 2 - 1  # mid-depth: the anchor pass runs half the layers
     t = base_cfg.training
     encoded = [encode(tokenizer, e, t.max_prompt_len, t.max_answer_len) for e in tasks[1].train]
     rng = random.Random(0)
     batches = [collate(rng.sample(encoded, t.batch_size), tokenizer.pad_token_id) for _ in range(args.steps)]
 
     work = Path(tempfile.mkdtemp(prefix="saefd-overhead-"))
-    sae_cfg = SAEConfig("gated", hidden, args.d_sae or 8 * hidden, metadata={"hook_name": "blocks.1.hook_resid_post"})
+    sae_cfg = SAEConfig("gated", hidden, args.d_sae or 8 * hidden, metadata={"hook_name": f"blocks.{layer}.hook_resid_post"})
     sae = build_sae(sae_cfg, seed=0)
     with torch.no_grad():
         sae.b_gate.fill_(0.05)
     sae_dir = save_saelens(sae, work / "sae")
-    runs = {parse_spec(s)[0]: setup(s, args.overrides, model_path, tasks, sae_dir, work, batches) for s in specs}
+    runs = {parse_spec(s)[0]: setup(s, args.overrides, model_path, tasks, sae_dir, layer, work, batches) for s in specs}
 
     for name in names:  # warm-up
         for batch in batches[:3]:
@@ -171,9 +178,9 @@ def main(argv=None) -> dict:
         "median_step_ms": {n: round(1000 * median[n], 3) for n in names},
         "median_of_round_ratios": {n: round(statistics.median(round_ratio[n]), 4) for n in names},
         "setup": {
-            "model": base_cfg.model.name_or_path, "hidden": hidden, "layers": load_model(model_path).config.num_hidden_layers,
+            "model": base_cfg.model.name_or_path, "hidden": hidden, "layers": model_config.num_hidden_layers,
             "batch_size": t.batch_size, "mean_tokens_per_example": round(sum(len(e.input_ids) for e in encoded) / len(encoded), 1),
-            "sae": {"architecture": "gated", "d_sae": sae_cfg.d_sae, "layer": 1},
+            "sae": {"architecture": "gated", "d_sae": sae_cfg.d_sae, "layer": layer},
             "sae_fd": {"anchor_batch": fd_cfg.anchor_batch, "anchor_size": fd_cfg.anchor_size} if fd_cfg else None,
             "methods": specs,
             "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads, "overrides": args.overrides,

@@ -8,6 +8,7 @@ The benchmarks (each its own script and JSON, written by the issue that owns it)
   bench/sae_step.py   -> sae_step.json   one SAE training step, ours vs sae-lens / sparsify, per architecture
   bench/harvest.py    -> harvest.json    activation harvesting vs a plain loop, and 2-worker scaling
   bench/overhead.py   -> overhead.json   per-step time of each CL method vs SeqLoRA (target: SAE-FD <= 1.15x)
+                       overhead_wide.json  the same, SeqLoRA vs SAE-FD only, on a wider and deeper tiny model
 A missing script or a failed run is reported in the table, not hidden. Ratios are read from the JSONs as written:
 every numeric field whose name says ratio / speedup / scaling / efficiency (the scripts' own definitions, quoted).
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
+WIDE_MODEL = ["--set", "model.tiny.hidden_size=512", "--set", "model.tiny.intermediate_size=1376",
+              "--set", "model.tiny.num_heads=8", "--set", "model.tiny.num_layers=8"]
 BENCHES = [
     # name, script, result json, quick args, what the ratios mean, target note
     ("sae_step", "bench/sae_step.py", "sae_step.json", ["--rounds", "2", "--archs", "gated,topk"],
@@ -34,12 +37,17 @@ BENCHES = [
      "(2 · tok/s(1))", "issue 4: streaming harvest vs plain loop; 2-worker scaling"),
     ("overhead", "bench/overhead.py", "overhead.json", ["--rounds", "3", "--steps", "10"],
      "method step time / SeqLoRA step time (< 1.15 wanted for sae_fd)", "issue 5 / 8: SAE-FD <= 1.15x SeqLoRA"),
+    ("overhead_wide", "bench/overhead.py", "overhead_wide.json",
+     ["--rounds", "3", "--steps", "10", "--methods", "seq_lora,sae_fd", "--out", "bench/results/overhead_wide.json",
+      *WIDE_MODEL], "the same on a 4x wider, 2x deeper tiny model (where arithmetic, not per-op overhead, dominates)",
+     "how the SAE-FD ratio moves with model size"),
 ]
 KEYWORDS = ("ratio", "speedup", "scaling", "efficiency")
 
 
-def ratios(data, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted path, value) of every numeric leaf whose own key names a ratio."""
+def ratios(data, prefix: str = "", named: bool = False) -> list[tuple[str, float]]:
+    """(dotted path, value) of every numeric leaf whose key, or an enclosing key, names a ratio
+    (`ratio_vs_seq_lora: {sae_fd: 1.2}` counts)."""
     out = []
     if isinstance(data, dict):
         for key, value in data.items():
@@ -47,10 +55,10 @@ def ratios(data, prefix: str = "") -> list[tuple[str, float]]:
                 continue  # goals and settings, not measurements
             path = f"{prefix}.{key}" if prefix else str(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if any(word in str(key).lower() for word in KEYWORDS):
+                if named or any(word in str(key).lower() for word in KEYWORDS):
                     out.append((path, float(value)))
-            else:
-                out += ratios(value, path)
+            else:  # a table of ratios, not a section that merely mentions scaling
+                out += ratios(value, path, named or "ratio" in str(key).lower())
     return out
 
 
@@ -108,14 +116,17 @@ def main(argv=None) -> Path:
     lines += ["## Runs", "", "| benchmark | script | present | ran now | wall (s) | result file (mtime) | error |",
               "|---|---|---|---|---|---|---|", *status_rows, "", "## Ratios", "", *table, "",
               "Targets: " + "; ".join(t for *_, t in BENCHES) + "."]
-    overhead = RESULTS / "overhead.json"
-    if overhead.is_file():
-        data = json.loads(overhead.read_text())
+    for result in ("overhead.json", "overhead_wide.json"):
+        if not (RESULTS / result).is_file():
+            continue
+        data = json.loads((RESULTS / result).read_text())
         fd = (data.get("ratio_vs_seq_lora") or {}).get("sae_fd")
         goal = (data.get("target") or {}).get("sae_fd_ratio_max", 1.15)
+        setup = data.get("setup") or {}
         if fd is not None:
             verdict = "met" if fd <= goal else f"missed by {fd - goal:.2f}"
-            lines += ["", f"SAE-FD step time {fd:.2f}× SeqLoRA (target ≤ {goal}): **{verdict}**."]
+            lines += ["", f"`{result}` (hidden {setup.get('hidden')}, {setup.get('layers')} layers): SAE-FD step time "
+                          f"{fd:.2f}× SeqLoRA (target ≤ {goal}): **{verdict}**."]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
