@@ -21,6 +21,8 @@ from statistics import fmean
 
 import yaml
 
+from saefd_ray.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
 RESULTS = REPO / "bench" / "results"
@@ -135,8 +137,6 @@ WALL_FILE = "bench_wall.json"
 def run_cost(run_dir: Path, results: dict, wall_s: float) -> dict:
     """Wall time and mean median step time of one run. A run trained by an earlier (interrupted) call keeps the
     wall time that call recorded in the run dir; this call only loaded it."""
-    from saefd_ray.io import atomic_write_text
-
     steps = [json.loads(f.read_text()).get("median_step_s") for f in sorted(run_dir.glob("tasks/*/row.json"))]
     cost = {"median_step_s": fmean([x for x in steps if x]) if any(steps) else None}
     trained = sum(k.startswith("task_") for k in results["timings"])
@@ -301,8 +301,6 @@ def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task
     RESULTS.mkdir(parents=True, exist_ok=True)
     suite = dict(suite, mean=mean_over_orders(suite))
     json_path = RESULTS / f"{stem}.json"
-    from saefd_ray.io import atomic_write_text
-
     atomic_write_text(json_path, json.dumps(suite, indent=1))
     md_path = RESULTS / f"{stem}.md"
     atomic_write_text(md_path, markdown(suite, title, notes, per_task))
