@@ -2,11 +2,13 @@
 
 Every instance is rendered on its own (FAST's rule, and the natural unit for SFT): the prompt as a user
 turn with the generation prompt appended, then the answer and the end-of-turn token. Labels are -100 on the
-prompt, so the loss is the answer's alone.
+prompt, so the loss is the answer's alone. `shard_batches` cuts the encoded instances into each rank's batches
+(used by the training loop and by methods that re-read the task, e.g. EWC's Fisher pass).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +61,22 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(item.labels)
         attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def shard_batches(items: list, batch_size: int, rank: int, world: int, seed: int) -> list[list]:
+    """This rank's batches for one epoch: a seeded shuffle, an equal share per rank, length-sorted windows.
+
+    Every rank gets the same number of batches (the remainder is dropped), since ZeRO's collectives need
+    lock-step. Sorting by length inside windows of 16 batches keeps padding small without losing randomness.
+    """
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    per_rank = len(order) // world
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(mine) - batch_size + 1, window):
+        chunk = sorted(mine[start : start + window], key=lambda i: len(items[i].input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    random.Random(seed + 1).shuffle(batches)
+    return [[items[i] for i in batch] for batch in batches]

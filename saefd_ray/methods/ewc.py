@@ -74,8 +74,7 @@ class Ewc(Method):
     def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         from safetensors.torch import save_file
 
-        from saefd_ray.data.render import collate, encode
-        from saefd_ray.train.worker import shard_batches
+        from saefd_ray.data.render import collate, encode, shard_batches
 
         cfg = self.config.training
         own = ctx.tasks[ctx.task_index].train if ctx.tasks else ctx.train_examples

@@ -120,7 +120,7 @@ def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.stream.harvest import load_instances
     from saefd_ray.stream.pipeline import window_padding
     from saefd_ray.stream.report import evaluate_checkpoint, write_report
-    from saefd_ray.stream.sharded import PROGRESS, latest_checkpoint
+    from saefd_ray.stream.checkpoint import PROGRESS, latest_checkpoint
     from saefd_ray.errors import ConfigError
 
     run_dir = prepare_run_dir(config)
@@ -141,7 +141,7 @@ def train_sae(config: SaeTrainConfig) -> dict:
             print(f"[sae] resuming from {resume} ({progress['tokens']:,} tokens)", flush=True)
         init_ray(config)
         from saefd_ray.stream.pipeline import activation_dataset
-        from saefd_ray.stream.sharded import CONSUMED
+        from saefd_ray.stream.checkpoint import CONSUMED
 
         skip = set(np.flatnonzero(np.load(resume / CONSUMED)).tolist()) if resume else set()
         dataset, source = activation_dataset(config, model_path, train, skip=skip)

@@ -22,7 +22,7 @@ import ray.train
 import torch
 
 from saefd_ray.config import RunConfig
-from saefd_ray.data.render import collate, encode
+from saefd_ray.data.render import collate, encode, shard_batches
 from saefd_ray.data.tasks import Task
 from saefd_ray.methods.base import ADAPTER, TaskContext
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
@@ -36,25 +36,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def shard_batches(items: list, batch_size: int, rank: int, world: int, seed: int) -> list[list]:
-    """This rank's batches for one epoch: a seeded shuffle, an equal share per rank, length-sorted windows.
-
-    Every rank gets the same number of batches (the remainder is dropped), since ZeRO's collectives need
-    lock-step. Sorting by length inside windows of 16 batches keeps padding small without losing randomness.
-    """
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    per_rank = len(order) // world
-    mine = order[rank * per_rank : (rank + 1) * per_rank]
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(mine) - batch_size + 1, window):
-        chunk = sorted(mine[start : start + window], key=lambda i: len(items[i].input_ids))
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-    random.Random(seed + 1).shuffle(batches)
-    return [[items[i] for i in batch] for batch in batches]
 
 
 def train_task(loop: dict) -> None:
