@@ -145,7 +145,14 @@ class DistributedConfig(Strict):
     num_workers: int | tuple[int, int] = Field(2, description="N, or [min, max] for elastic training")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker. Part of the "
+                                    "numerics (CPU reductions split by thread), so the config fixes it, not "
+                                    "OMP_NUM_THREADS or cpus_per_worker: the same seed gives the same R matrix")
     zero_stage: Literal[2, 3] = 2
+    zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters of at most this many "
+                                             "elements are kept whole between forwards (DeepSpeed's "
+                                             "stage3_param_persistence_threshold, its default); larger ones are "
+                                             "partitioned across workers")
     max_failures: int = Field(1, ge=0)
     ray_address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
 
@@ -283,6 +290,16 @@ MethodConfig = Annotated[
 ]
 
 
+# Methods that touch the LoRA tensors outside DeepSpeed's module forward (tried at stage 3: ewc fails with the
+# adapter partitioned even below the persistence threshold; the others do the same kind of access).
+ZERO3_REFUSED = {
+    "ewc": "reads the LoRA weights outside the model's forward (Fisher penalty)",
+    "l2": "reads the LoRA weights outside the model's forward (L2 penalty)",
+    "o_lora": "reads the LoRA A matrices outside the model's forward (orthogonality penalty)",
+    "lwf": "swaps the LoRA weights in place for its teacher pass",
+}
+
+
 class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
@@ -292,6 +309,13 @@ class RunConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     method: MethodConfig = SeqLora()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _zero3(self) -> "RunConfig":
+        if self.distributed.zero_stage == 3 and self.method.name in ZERO3_REFUSED:
+            raise ValueError(f"distributed.zero_stage: 3 does not work with method {self.method.name}: it "
+                             f"{ZERO3_REFUSED[self.method.name]}, which ZeRO-3 leaves partitioned there; use 2")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -373,7 +397,7 @@ def validate(raw: dict, source: str = "config", schema: type[BaseModel] | None =
             message = "missing required key"
         elif "input" in first and first["type"] not in ("value_error",):
             message = f"{message} (got {first['input']!r})"
-        raise ConfigError(f"{source}: {loc}: {message}") from None
+        raise ConfigError(f"{source}: {loc + ': ' if loc else ''}{message}") from None  # no loc: a cross-key check
 
 
 def _is_union_tag(part: Any) -> bool:

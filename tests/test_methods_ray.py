@@ -15,8 +15,9 @@ from saefd_ray.sae import SAEConfig, build_sae, save_saelens
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def sequence_config(tmp_path, cache_dir, method: dict, run_name: str) -> RunConfig:
-    tasks = [{"name": n, "format": "synthetic", "generator": g, "max_train": 64, "max_test": 16}
+def sequence_config(tmp_path, cache_dir, method: dict, run_name: str, max_train: int = 64, epochs: int = 1,
+                    **distributed) -> RunConfig:
+    tasks = [{"name": n, "format": "synthetic", "generator": g, "max_train": max_train, "max_test": 16}
              for n, g in (("rule_a", "rule_a"), ("rule_b", "rule_b"))]
     return RunConfig.model_validate({
         "model": {"name_or_path": "tiny", "cache_dir": str(cache_dir),
@@ -24,8 +25,8 @@ def sequence_config(tmp_path, cache_dir, method: dict, run_name: str) -> RunConf
                            "num_heads": 2}},
         "lora": {"r": 4, "alpha": 8},
         "tasks": {"sequence": tasks},
-        "training": {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_prompt_len": 48, "max_answer_len": 4},
-        "distributed": {"num_workers": 2, "zero_stage": 2, "max_failures": 0},
+        "training": {"epochs": epochs, "lr": 3e-3, "batch_size": 8, "max_prompt_len": 48, "max_answer_len": 4},
+        "distributed": {"num_workers": 2, "zero_stage": 2, "max_failures": 0, **distributed},
         "evaluation": {"batch_size": 16},
         "method": method,
         "output": {"root": str(tmp_path / "runs"), "run_name": run_name},
@@ -40,13 +41,13 @@ def sae_folder(tmp_path_factory):
     return save_saelens(sae, tmp_path_factory.mktemp("sae") / "gated-l1")
 
 
-def run_and_resume(tmp_path, cache_dir, method: dict):
+def run_and_resume(tmp_path, cache_dir, method: dict, **options):
     from saefd_ray.train.sequence import run_sequence, task_dir
 
-    first = run_sequence(sequence_config(tmp_path, cache_dir, method, "full"))
+    first = run_sequence(sequence_config(tmp_path, cache_dir, method, "full", **options))
     assert len(first["r_matrix"]) == 3
     full_dir = tmp_path / "runs" / "full"
-    resumed_cfg = sequence_config(tmp_path, cache_dir, method, "resumed")
+    resumed_cfg = sequence_config(tmp_path, cache_dir, method, "resumed", **options)
     task1 = task_dir(full_dir, 0, "rule_a")
     shutil.copytree(task1, task_dir(resumed_cfg.run_dir, 0, "rule_a"))
     second = run_sequence(resumed_cfg)
@@ -63,18 +64,37 @@ def test_sae_fd_sequence_zero2_and_resume(tmp_path, cache_dir, sae_folder):
 
     from saefd_ray.train.sequence import task_dir
 
-    method = {"name": "sae_fd", "sae": {"path": str(sae_folder), "layer": 1}, "anchor_size": 8, "anchor_batch": 2}
-    full_dir, resumed_dir = run_and_resume(tmp_path, cache_dir, method)
+    method = {"name": "sae_fd", "sae": {"path": str(sae_folder), "layer": 1}, "anchor_size": 8, "anchor_batch": 2,
+              "rho": RHO, "ema_alpha": 0.3}
+    full_dir, resumed_dir = run_and_resume(tmp_path, cache_dir, method, max_train=96, epochs=2)  # 12 steps a task
     t2 = task_dir(full_dir, 1, "rule_b")
     anchors = sorted(p.name for p in (t2 / "sae_fd" / "anchors").iterdir())
     assert anchors == ["01-rule_a.safetensors", "02-rule_b.safetensors"]  # all earlier anchors carried forward
     a1 = load_file(str(t2 / "sae_fd" / "anchors" / "01-rule_a.safetensors"))
     assert len(a1["lengths"]) == 8 and a1["values"].shape[0] == a1["input_ids"].shape[0] == int(a1["lengths"].sum())
     log = json.loads((t2 / "sae_fd" / "log.json").read_text())
-    assert log and all(0.2 <= s["lambda"] <= 10.0 and s["l_fd"] >= 0 for s in log)
-    assert all(0 <= s["fd_share"] < 1 for s in log)
+    assert len(log) == 12
+    check_lambda_dynamics(log)
     resumed_log = json.loads((task_dir(resumed_dir, 1, "rule_b") / "sae_fd" / "log.json").read_text())
     assert [s["lambda"] for s in resumed_log] == pytest.approx([s["lambda"] for s in log], rel=1e-4)
+
+
+RHO = 0.15
+
+
+def check_lambda_dynamics(log: list[dict]) -> None:
+    """What adaptive λ is for (lambda_control.py): task 2 starts at the anchors' model, so L_FD is tiny and λ*
+    huge: λ rises well above its start; as L_FD grows and L_task falls λ comes down again, and the realized share
+    λ·L_FD / (L_task + λ·L_FD) moves to ρ. Thirds of the log, not single steps, are compared."""
+    third = len(log) // 3
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    first, last = log[:third], log[-third:]
+    lam = [s["lambda"] for s in log]
+    assert max(lam[:third + 1]) > 2.0, lam  # from lambda_init 1.0 up, toward the clip
+    assert mean(last, "lambda") < max(lam), lam  # and down again
+    assert mean(last, "l_task") < mean(first, "l_task"), [s["l_task"] for s in log]
+    assert abs(mean(last, "fd_share") - RHO) < abs(mean(first, "fd_share") - RHO), [s["fd_share"] for s in log]
+    assert abs(mean(last, "fd_share") - RHO) < 0.05, [s["fd_share"] for s in log]
 
 
 def test_sae_reg_sequence_zero2_and_resume(tmp_path, cache_dir, sae_folder):

@@ -179,8 +179,24 @@ def test_fd_loss_zero_at_reference_and_grows_when_perturbed(tiny_model_path, tok
     perturb(model, 0.1)
     moved = method.anchor_loss(model, *batch)
     assert float(moved) > 1e-3
-    moved.backward()  # gradients reach the LoRA weights through the truncated forward
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable_params(model))
+    moved.backward()  # gradients reach the LoRA weights through the truncated forward, and nothing else
+    assert_grads_on_lora_only(model, method.sae)
+
+
+def assert_grads_on_lora_only(model, *saes) -> None:
+    """Every LoRA tensor of the layers up to the SAE's got a non-zero gradient; the base model and the frozen
+    SAE got none (and an SAE parameter never asks for one)."""
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and layer_of(n) <= LAYER]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in lora), \
+        [n for n, p in lora if p.grad is None or not p.grad.abs().sum() > 0]
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    for sae in saes:
+        assert all(not p.requires_grad and p.grad is None for p in sae.parameters())
+
+
+def layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
 
 
 def test_fd_loss_formula_on_hand_made_codes():
@@ -361,6 +377,7 @@ def test_sae_reg_protect_zero_at_base_guide_at_minimum_when_moving(tiny_model_pa
     extra, logs = method.regularizer(model, batch, torch.tensor(1.0))
     assert logs["l_protect"] > 0 and logs["l_guide"] < 0.01**2
     extra.backward()
+    assert_grads_on_lora_only(model, *method.saes.values())
     method.after_task(model, ctx)
     mask = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "sae_reg/masks/01-a.safetensors"))
     m = mask[f"layer_{LAYER}"]

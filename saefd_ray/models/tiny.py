@@ -42,6 +42,8 @@ def build_tiny_model(cfg: TinyModelConfig, texts: list[str], cache_dir: str | Pa
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on every machine: CPU reduction order depends on the thread count
     try:
         tokenizer = train_tokenizer(texts, cfg.vocab_size)
         tokenizer.save_pretrained(staging)
@@ -73,6 +75,8 @@ def build_tiny_model(cfg: TinyModelConfig, texts: list[str], cache_dir: str | Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
     return target
 
 

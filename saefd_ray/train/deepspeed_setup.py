@@ -26,7 +26,9 @@ def deepspeed_config(config, steps: int) -> dict:
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": config.distributed.zero_stage},
+        "zero_optimization": {"stage": config.distributed.zero_stage,
+                              **({"stage3_param_persistence_threshold": config.distributed.zero3_persistence_threshold}
+                                 if config.distributed.zero_stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": use_gpu and config.model.dtype == "bfloat16"},
@@ -81,3 +83,4 @@ def trainable_state(model, zero_stage: int) -> dict[str, torch.Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with gathered([p for _, p in named], zero_stage):
         return {n: p.detach().clone().cpu() for n, p in named}
+

@@ -111,8 +111,9 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
             "state_in": str(state_in) if state_in else None,
             "train_examples": examples,
             "score_base": score_base,
-            # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank): SIGKILL that worker once.
-            "kill_at": [int(x) for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
+            # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of the
+            # rank: the worker on that node): SIGKILL that worker once.
+            "kill_at": [int(x) if x.isdigit() else x for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
             if os.environ.get("SAEFD_KILL_WORKER_AT") else None,
         },
         scaling_config=ScalingConfig(

@@ -42,6 +42,7 @@ def train_task(loop: dict) -> None:
     """Ray Train entry point. `loop` holds the run config, the task index and the examples (see sequence.py)."""
     config = RunConfig.model_validate(loop["config"])
     select_accelerator(config.distributed.use_gpu)
+    torch.set_num_threads(config.distributed.threads_per_worker)  # not Ray's OMP_NUM_THREADS: see the config
     from saefd_ray.eval.scoring import score_row
     from saefd_ray.methods import build_method
     from saefd_ray.models.loading import load_model, load_tokenizer
@@ -96,9 +97,11 @@ def train_task(loop: dict) -> None:
     start_epoch, start_step = _restore(engine, method)
     restored = (start_epoch, start_step) != (0, 0)
     kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
-    step_time, losses = [], []
+    who = (rank, ray.get_runtime_context().get_node_id())  # a kill names a rank, or a node by its id
+    step_time, losses, epoch_losses = [], [], []
     for epoch in range(start_epoch, epochs):
         batches = shard_batches(encoded, config.training.batch_size, rank, world, config.training.seed * 7919 + epoch)
+        epoch_start = len(losses)
         for step, items in enumerate(batches):
             if epoch == start_epoch and step < start_step:
                 continue
@@ -120,10 +123,12 @@ def train_task(loop: dict) -> None:
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
-            if kill_at == (task_index, epoch, step + 1, rank) and not restored:
+            if kill_at and kill_at[:3] == (task_index, epoch, step + 1) and kill_at[3] in who and not restored:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill or a lost node would be
-        if rank == 0 and losses:
-            print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(batches):]):.4f}")
+        if len(losses) > epoch_start:
+            epoch_losses.append(float(np.mean(losses[epoch_start:])))
+            if rank == 0:
+                print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f}")
 
     method.after_task(engine.module, ctx)
     row = method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device), base_row, ctx)
@@ -133,6 +138,7 @@ def train_task(loop: dict) -> None:
         "base_row": base_row,
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
         "first_loss": float(losses[0]) if losses else None,
+        "epoch_losses": epoch_losses,  # rank 0's mean task loss per epoch (this process's steps, after a resume)
         "median_step_s": float(np.median(step_time)) if step_time else None,
         "steps": len(losses),
         "resumed_from": [start_epoch, start_step] if restored else None,  # set after a worker-group restart
