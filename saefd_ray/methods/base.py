@@ -8,7 +8,7 @@ The training loop knows nothing about methods beyond these hooks, called in this
              load_state(ctx)                          read what earlier tasks left in ctx.state_in
              regularizer(model, batch, task_loss)     extra loss term + scalars to log, every step
              after_task(model, ctx)                   compute and write this task's state into ctx.state_out
-             adjust_row(row, base_row, ctx)           the R-matrix row to record (per_task rewrites it)
+             adjust_row(row, base_row, ctx, split)    the R-matrix row to record, per split (per_task rewrites it)
              progress_state() / load_progress_state  optional: method state inside mid-task checkpoints
 
 State lives in plain files under the task's checkpoint (safetensors / JSON), so a resumed sequence continues
@@ -98,8 +98,9 @@ class Method:
     def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         """Compute this task's state (Fisher, anchors, masks...) and write it into ctx.state_out on rank 0."""
 
-    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext) -> list[float]:
-        """The R-matrix row recorded for this task, given the scores of the trained model on every task."""
+    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext,
+                   split: str = "test") -> list[float]:
+        """The R-matrix row recorded for this task, given the trained model's scores on every task's `split`."""
         return row
 
 

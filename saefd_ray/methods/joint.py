@@ -31,17 +31,18 @@ class PerTask(Method):
     name = "per_task"
     fresh_adapter_per_task = True
 
-    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext) -> list[float]:
+    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext,
+                   split: str = "test") -> list[float]:
         t = ctx.task_index
+        suffix = "" if split == "test" else f"_{split}"  # row.json keys: row / row_validation
+        base_file = BASE_ROW.replace(".json", f"{suffix}.json")
         if ctx.state_in is None:
             base = base_row
             previous: list[float] = []
         else:
-            base = json.loads((ctx.state_in / BASE_ROW).read_text())
-            previous = json.loads((ctx.state_in / "row.json").read_text())["row"][:t]
+            base = json.loads((ctx.state_in / base_file).read_text())
+            previous = json.loads((ctx.state_in / "row.json").read_text())[f"row{suffix}"][:t]
         if ctx.rank == 0:
-            (ctx.state_out / BASE_ROW).parent.mkdir(parents=True, exist_ok=True)
-            (ctx.state_out / BASE_ROW).write_text(json.dumps(base))
+            (ctx.state_out / base_file).parent.mkdir(parents=True, exist_ok=True)
+            (ctx.state_out / base_file).write_text(json.dumps(base))
         return previous + [row[t]] + list(base[t + 1 :])
-
-
