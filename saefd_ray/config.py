@@ -193,6 +193,9 @@ class PerTask(MethodBase):
 
 class Mtl(MethodBase):
     name: Literal["mtl"] = "mtl"
+    epochs: int | None = Field(None, ge=1, description="epochs over the union of all tasks' data; None: the largest "
+                               "of the tasks' epochs (training.epochs_per_task, else training.epochs), so every task "
+                               "is seen at least as often as in the sequence")
 
 
 class Ewc(MethodBase):
@@ -215,7 +218,8 @@ class Lwf(MethodBase):
 class OLora(MethodBase):
     name: Literal["o_lora"] = "o_lora"
     lambda_orth: float = Field(0.5, ge=0)
-    lambda_l2: float = Field(0.0, ge=0)
+    lambda_l2: float = Field(0.0, ge=0, description="λ2 · Σ ‖θ‖₂ over the new LoRA's tensors (plain norms, as "
+                             "O-LoRA's code)")
 
 
 class Replay(MethodBase):
@@ -274,7 +278,8 @@ class SaeReg(MethodBase):
     plasticity_threshold: float = Field(0.05, ge=0, description="relative drift task features should reach")
     weight_protect: float = Field(1.0, ge=0)
     weight_guide: float = Field(0.1, ge=0)
-    high_mask_quantile: float = Field(0.9, gt=0, lt=1, description="features above this mask quantile are guided")
+    high_mask_quantile: float = Field(0.9, gt=0, lt=1, description="the top 1 − q share of features by mask rank "
+                                      "(those with mask > 0) are the task's, guided")
     mask_examples: int = Field(256, ge=1, description="task instances the mask is computed from")
 
     @field_validator("sae")

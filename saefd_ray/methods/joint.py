@@ -1,6 +1,7 @@
 """The two non-sequential references: multi-task training (upper bound) and one independent LoRA per task.
 
-mtl      one stage on the union of all tasks' training data; its R matrix is the base row plus one row.
+mtl      one stage on the union of all tasks' training data for `method.epochs` epochs (default: the largest of the
+         tasks' epochs); its R matrix is the base row plus one row.
 per_task a fresh LoRA for every task, trained from the base model. Each task is scored with its own adapter:
          row t holds, for task i ≤ t, the score of adapter i on task i (carried from the previous row, so
          nothing is re-evaluated) and, for i > t, the base model's score (no adapter for task i exists yet —
@@ -25,6 +26,10 @@ class Mtl(Method):
 
     def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
         return [example for task in tasks for example in task.train]
+
+    def epochs(self, task_index: int, tasks: list[Task]) -> int:
+        """method.epochs, else the largest of the tasks' epochs (not the first task's, not their sum)."""
+        return self.cfg.epochs or max(Method.epochs(self, index, tasks) for index in range(len(tasks)))
 
 
 class PerTask(Method):

@@ -19,7 +19,7 @@ shard's top-k candidates, all-gathers their values and keeps the global top k. `
 workers (it is added on rank 0 only, so its decoder-side term is counted once); gradient clipping uses the global
 norm. The optimizer state of each slice lives on its worker only.
 
-b_dec is initialised from the first global batch (gathered), as the single-process trainer does.
+b_dec is initialised from the first mixing-buffer fill of every worker (their union, by all-reduced Weiszfeld sums).
 """
 
 from __future__ import annotations
@@ -250,12 +250,14 @@ class ShardedTrainer:
     def tokens_seen(self) -> int:
         return self.inner.tokens_seen
 
-    def step(self, local: Tensor) -> dict[str, float]:
+    def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
+        """One step on this rank's batch; `fill`, this rank's first mixing-buffer fill, initialises b_dec once."""
         inner, world = self.inner, self.world
         local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
         x = all_gather_cat(local) if self.sharding == "latent" else local
         if not inner.b_dec_initialized and inner.cfg.b_dec_init != "none" and inner.step_count == 0:
-            inner.init_b_dec(x if self.sharding == "latent" else all_gather_cat(local))
+            init = local if fill is None else fill.reshape(-1, self.sae.cfg.d_in).to(self.sae.device)
+            inner.init_b_dec(init, all_reduce=all_reduce_)
         res = inner.loss_and_metrics(x)
         fired, n = res.fired, res.n_tokens
         metrics = dict(res.metrics)
@@ -434,7 +436,9 @@ def train_loop_per_worker(loop: dict) -> None:
         if not int(ok):
             ran_out = True
             break
-        step_metrics = {layer: trainers[layer].step(batches[layer]) for layer in layers}
+        step_metrics = {layer: trainers[layer].step(batches[layer], buffers[layer].first_fill) for layer in layers}
+        for buffer in buffers.values():
+            buffer.first_fill = None  # read once (b_dec init): free it
         tr0 = trainers[layers[0]]
         if not all(math.isfinite(m["loss"]) for m in step_metrics.values()):
             from saefd_ray.errors import NonFiniteLossError
@@ -490,7 +494,7 @@ def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[in
 
     def make(layer: int) -> SAEConfig:
         return SAEConfig(a.architecture, d_in, a.width or a.expansion * d_in, k=a.k,
-                         sparsity_coefficient=a.sparsity_coefficient,
+                         sparsity_coefficient=a.sparsity_coefficient, apply_b_dec_to_input=a.apply_b_dec_to_input,
                          metadata={"model_name": model_name or config.model.name_or_path,
                                    "hook_name": f"model.layers.{layer}", "hook_layer": layer,
                                    "context_size": config.data.max_len, "prepend_bos": True})

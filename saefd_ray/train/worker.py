@@ -103,7 +103,7 @@ def train_task(loop: dict) -> None:
         encode(tokenizer, e, config.training.max_prompt_len, config.training.max_answer_len)
         for e in ctx.train_examples
     ]
-    epochs = config.training.epochs_per_task.get(tasks[task_index].name, config.training.epochs)
+    epochs = method.epochs(task_index, tasks)
     steps_per_epoch = len(shard_batches(encoded, config.training.batch_size, rank, world, 0))
     if steps_per_epoch == 0:
         raise ValueError(f"task {tasks[task_index].name!r}: too few examples for batch size and {world} workers")
