@@ -259,7 +259,7 @@ def test_changing_test_labels_changes_no_trial_score(tmp_path, cache_dir, ray_cl
     run_yaml = write_yaml(tmp_path / "run.yaml", {
         "model": {"name_or_path": "tiny", "cache_dir": str(cache_dir),
                   "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-                           "num_heads": 2}},
+                           "num_heads": 2, "pretrain_epochs": 0}},  # a base that scores, not one that learns much
         "lora": {"r": 4, "alpha": 8},
         "tasks": {"data_root": variants[0],
                   "sequence": [{"name": n, "format": "cl_benchmark", "path": n, "family": "TC"}
