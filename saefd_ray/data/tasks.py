@@ -2,9 +2,9 @@
 
 A task is a list of prompt/answer `Example`s per split plus the metric that scores it. Validation chooses (Tune's
 objective and pruning, any selection), test only reports: the validation split is the dataset's own (TRACE
-`eval.json`, CL-benchmark `dev.json`) when it has one, else a seeded carve-out of train, disjoint from it. Classification tasks
-carry their label strings as `options`, so evaluation can rank the options' log-likelihood instead of
-generating (fast on CPU, and immune to formatting noise). Loaders never see tokenizers: rendering is
+`eval.json`, CL-benchmark `dev.json`) when it has one, else a seeded carve-out of train, disjoint from it.
+Classification tasks carry their label strings as `options`, so evaluation can rank the options' log-likelihood
+instead of generating (fast on CPU, and immune to formatting noise). Loaders never see tokenizers: rendering is
 `saefd_ray.data.render`'s job.
 """
 

@@ -81,7 +81,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     out = [f"# Run report: {results.get('method', '?')}", "", f"- method: `{results.get('method', '?')}`"]
     out += [f"- model: `{_model_name(results)}`", f"- tasks ({len(tasks)}): {', '.join(tasks)}", ""]
 
-    out += ["## R matrix", "", "Score (0–100) on each task's test split (columns) after each training stage (rows).", ""]
+    out += ["## R matrix", "", "Score (0–100) on each task's test split (columns) after each training stage (rows).",
+            ""]
     body = [[label] + [_fmt(v) for v in row] for label, row in zip(row_labels(results), results["r_matrix"])]
     out += _md_table(["", *tasks], body) + [""]
 
