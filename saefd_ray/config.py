@@ -70,6 +70,8 @@ class TaskConfig(Strict):
     answer_field: str = "answer"
     train_file: str | None = Field(None, description="json format: train file (path is the folder)")
     test_file: str | None = None
+    validation_file: str | None = Field(None, description="json format: validation file (default: a dev / eval / "
+                                        "validation file next to train, else a carve-out of train)")
     max_train: int | None = Field(None, ge=1)
     max_test: int | None = Field(None, ge=1)
 
@@ -84,9 +86,18 @@ class TaskConfig(Strict):
         return self
 
 
+class ValidationConfig(Strict):
+    """The split that chooses (Tune's objective, pruning, best.yaml); test only reports."""
+
+    size: int = Field(32, ge=1, description="validation instances per task: the dataset's own split (TRACE "
+                      "eval.json, CL-benchmark dev.json) subsampled to this, else a seeded carve-out of train, "
+                      "disjoint from it")
+
+
 class TasksConfig(Strict):
     data_root: str | None = Field(None, description="base folder for relative task paths")
     seed: int = 0
+    validation: ValidationConfig = ValidationConfig()
     sequence: list[TaskConfig] = Field(min_length=1)
     orders: dict[str, list[str]] = Field(default_factory=dict, description="named task orders (e.g. O-LoRA's 1-3)")
     order: str | None = Field(None, description="which of `orders` to train in; None: the sequence as written")
@@ -189,6 +200,9 @@ class PerTask(MethodBase):
 
 class Mtl(MethodBase):
     name: Literal["mtl"] = "mtl"
+    epochs: int | None = Field(None, ge=1, description="epochs over the union of all tasks' data; None: the largest "
+                               "of the tasks' epochs (training.epochs_per_task, else training.epochs), so every task "
+                               "is seen at least as often as in the sequence")
 
 
 class Ewc(MethodBase):
@@ -211,7 +225,8 @@ class Lwf(MethodBase):
 class OLora(MethodBase):
     name: Literal["o_lora"] = "o_lora"
     lambda_orth: float = Field(0.5, ge=0)
-    lambda_l2: float = Field(0.0, ge=0)
+    lambda_l2: float = Field(0.0, ge=0, description="λ2 · Σ ‖θ‖₂ over the new LoRA's tensors (plain norms, as "
+                             "O-LoRA's code)")
 
 
 class Replay(MethodBase):
@@ -270,7 +285,8 @@ class SaeReg(MethodBase):
     plasticity_threshold: float = Field(0.05, ge=0, description="relative drift task features should reach")
     weight_protect: float = Field(1.0, ge=0)
     weight_guide: float = Field(0.1, ge=0)
-    high_mask_quantile: float = Field(0.9, gt=0, lt=1, description="features above this mask quantile are guided")
+    high_mask_quantile: float = Field(0.9, gt=0, lt=1, description="the top 1 − q share of features by mask rank "
+                                      "(those with mask > 0) are the task's, guided")
     mask_examples: int = Field(256, ge=1, description="task instances the mask is computed from")
 
     @field_validator("sae")
@@ -416,7 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _check_paths(config: RunConfig, source: str) -> None:
     """Missing data files are config errors: reject them before any Ray worker starts."""
     for index, task in enumerate(config.tasks.sequence):
-        for field in ("path", "train_file", "test_file"):
+        for field in ("path", "train_file", "test_file", "validation_file"):
             value = getattr(task, field)
             if value and not config.data_path(value).exists():
                 raise ConfigError(f"{source}: tasks.sequence.{index}.{field}: {config.data_path(value)} not found")

@@ -16,7 +16,7 @@ from saefd_ray.data.tasks import Example, Task
 from saefd_ray.errors import ConfigError
 from saefd_ray.methods import build_method
 from saefd_ray.methods.anchors import build_anchors, load_all, sample_batch
-from saefd_ray.methods.base import TaskContext, trainable_params
+from saefd_ray.methods.base import TaskContext, peft_key, trainable_params
 from saefd_ray.methods.lambda_control import LambdaController
 from saefd_ray.methods.sae_fd import fd_loss
 from saefd_ray.models.loading import decoder_stack, load_model, load_tokenizer, residual_stream
@@ -456,3 +456,83 @@ def test_config_validation_of_method_fields():
         make_config({"name": "sae_fd", "lambda_clip": [5, 1]})
     with pytest.raises(Exception, match="one SAE per layer"):
         make_config({"name": "sae_reg", "sae": [{"path": "x", "layer": 1}, {"path": "y", "layer": 1}]})
+
+
+# ------------------------------------------------------------------------------------------------ method details
+
+
+def test_sae_fd_anchor_pass_has_no_dropout_l_fd_zero_at_reference(tiny_model_path, tokenizer, sae_dir):
+    config = make_config({"name": "sae_fd", "anchor_size": 6, "anchor_batch": 3}, sae_dir)
+    config.lora.dropout = 0.05  # configs/trace.yaml's value
+    method = build_method(config)
+    ctx = context(config, tiny_model_path, tokenizer, None)
+    model = lora_model(tiny_model_path, config=config, ctx=ctx, method=method)
+    method.load_state(ctx)
+    seqs = [torch.tensor(encode(tokenizer, e, 48, 4).input_ids) for e in examples(20)]
+    anchors = build_anchors(model.eval(), method.sae, LAYER, seqs, "a", 6, "random", 0, tokenizer.pad_token_id, "cpu")
+    batch = sample_batch([anchors], 6, torch.Generator().manual_seed(0), tokenizer.pad_token_id)
+    model.train()  # as in training: LoRA dropout active in the task forward
+    torch.manual_seed(0)
+    assert float(method.anchor_loss(model, *batch)) < 1e-6  # no dropout noise floor under L_FD at the reference
+    assert model.training and all(m.training for m in model.modules())  # train flags restored
+    perturb(model, 0.1)
+    moved = method.anchor_loss(model, *batch)
+    moved.backward()
+    assert float(moved) > 1e-3
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable_params(model))
+
+
+def test_lwf_teacher_is_deterministic_under_lora_dropout(tiny_model_path, tokenizer):
+    from saefd_ray.methods.lwf import logits_with
+
+    config = make_config({"name": "lwf"})
+    config.lora.dropout = 0.05
+    model = lora_model(tiny_model_path, config=config).train()
+    weights = {peft_key(n): p.detach().clone() * 1.5 for n, p in trainable_params(model)}
+    batch = batch_of(tokenizer, config)
+    torch.manual_seed(0)
+    first = logits_with(model, weights, batch)
+    second = logits_with(model, weights, batch)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    model.eval()
+    torch.testing.assert_close(logits_with(model, weights, batch), first, rtol=0, atol=0)
+
+
+def test_sae_reg_task_features_are_a_top_share_of_a_mostly_zero_mask(sae_dir):
+    from saefd_ray.methods.sae_reg import hinge_losses
+
+    config = make_config({"name": "sae_reg", "knn_k": 0, "high_mask_quantile": 0.9}, sae_dir)
+    method = build_method(config)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1000)
+    dense = torch.randperm(1000, generator=gen)[:50]  # a 5 % dense mask: a narrow task, no kNN spread
+    mask[dense] = torch.rand(50, generator=gen) + 0.01
+    method.compute_mask = lambda model: {LAYER: mask}
+    method._ensure_mask(None)
+    high = method.high[LAYER]
+    assert int(high.sum()) == 50 and bool(high[dense].all())  # this task's features only, never all 1000
+    l_protect, _ = hinge_losses(torch.full((1000,), 0.5), method.protect[LAYER], high, 0.05, 0.05)
+    assert float(l_protect) == pytest.approx(0.45**2)  # the 950 others are protected (p = 1 - 0 = 1)
+    wide = torch.rand(1000, generator=gen)  # a dense mask: exactly the top 10 % by rank
+    method.mask, method.compute_mask = None, lambda model: {LAYER: wide}
+    method._ensure_mask(None)
+    assert torch.equal(method.high[LAYER].nonzero().flatten().sort().values, wide.topk(100).indices.sort().values)
+
+
+def test_mtl_epochs_are_its_own_setting():
+    tasks = [Task(n, "options", examples(4), examples(2), ["north", "south"]) for n in ("a", "b", "c")]
+    config = make_config({"name": "mtl"}, epochs=2, epochs_per_task={"a": 1, "b": 3})
+    assert build_method(config).epochs(0, tasks) == 3  # the largest of the tasks' epochs, not the first task's 1
+    assert build_method(make_config({"name": "mtl", "epochs": 5}, epochs_per_task={"a": 1})).epochs(0, tasks) == 5
+    sequential = build_method(make_config({"name": "seq_lora"}, epochs=2, epochs_per_task={"a": 1, "b": 3}))
+    assert [sequential.epochs(i, tasks) for i in range(3)] == [1, 3, 2]
+
+
+def test_o_lora_l2_is_the_sum_of_plain_norms_as_in_its_code(tiny_model_path, tokenizer):
+    config = make_config({"name": "o_lora", "lambda_orth": 0.0, "lambda_l2": 0.5})
+    method = build_method(config)
+    model = lora_model(tiny_model_path, config=config)
+    extra, logs = method.regularizer(model, batch_of(tokenizer, config), torch.tensor(1.0))
+    norms = [float(p.detach().norm()) for _, p in trainable_params(model)]
+    assert logs["l2"] == pytest.approx(sum(norms), rel=1e-5)
+    assert float(extra) == pytest.approx(0.5 * sum(norms), rel=1e-5)

@@ -196,3 +196,27 @@ def test_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
     assert (tmp_path / "sae_weights.safetensors").read_bytes() == before  # old file intact
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     load_saelens(tmp_path)  # still loads, checksum still matches
+
+
+def test_apply_b_dec_to_input_is_a_config_field_carried_into_saelens(tmp_path):
+    """FAST trains with apply_b_dec_to_input False: the SAE job's default, written to SAELens's cfg, honoured on load."""
+    from saefd_ray.stream.config import validate_sae
+    from saefd_ray.stream.sharded import sae_config
+
+    raw = {"data": {"sources": [{"kind": "file", "path": "x.json"}]}, "sae": {"architecture": "standard", "width": 32}}
+    cfg = sae_config(validate_sae(raw), 8)(1)
+    assert cfg.apply_b_dec_to_input is False
+    raw["sae"]["apply_b_dec_to_input"] = True
+    assert sae_config(validate_sae(raw), 8)(1).apply_b_dec_to_input is True
+    sae = build_sae(cfg, seed=0)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    folder = save_saelens(sae, tmp_path / "fast")
+    assert json.loads((folder / "cfg.json").read_text())["apply_b_dec_to_input"] is False
+    loaded = load_saelens(folder)
+    x = torch.randn(5, 8)
+    assert loaded.cfg.apply_b_dec_to_input is False
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+    centred = build_sae(cfg.replace(apply_b_dec_to_input=True), seed=0)
+    centred.load_state_dict(sae.state_dict())
+    assert not torch.allclose(centred.encode(x), sae.encode(x))  # the flag changes the encoder: it must round-trip

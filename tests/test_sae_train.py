@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from saefd_ray.sae import (MixingBuffer, SAEConfig, SAETrainer, TrainerConfig, build_sae, fast_lr, geometric_median,
-                           reconstruction_metrics, sparsity_warmup)
+from saefd_ray.sae import (MixingBuffer, SAEConfig, SAETrainer, TrainerConfig, build_sae, fast_lr, fit_schedule,
+                           geometric_median, reconstruction_metrics, sparsity_warmup)
 
 D_IN, N_ATOMS, S, D_SAE = 32, 64, 4, 128
 
@@ -200,3 +200,53 @@ def test_dead_latent_window_and_mask_from_wrapper():
     assert tr.dead_mask().tolist() == [False] * 4 + [True] * 12
     assert tr.tokens_seen == 120
     assert math.isclose(tr.state_dict()["tokens_since_fired"][1].item(), 60)
+
+
+def test_fast_schedule_is_scaled_to_a_short_run():
+    """1M tokens at batch 4096 = 244 steps: FAST's 16k / 64k / 10k lengths would keep the whole run in warm-up."""
+    sae = build_sae(SAEConfig("standard", D_IN, D_SAE), seed=0)
+    tr = SAETrainer(sae, TrainerConfig(total_steps=244))  # FAST defaults otherwise
+    assert (tr.schedule["lr_warmup_steps"], tr.schedule["lr_decay_steps"], tr.schedule["sparsity_warmup_steps"]) == \
+        (24, 98, 15) and tr.schedule["scaled"]  # warm-up + decay = half the run, FAST's proportions
+    assert tr.lr_at(23) == pytest.approx(7e-5)  # the peak is reached
+    assert tr.lr_at(243) < 7e-6  # and the run ends in the final decay
+    tr.step_count = 243
+    metrics = tr.step(torch.randn(64, D_IN))
+    assert metrics["sparsity_scale"] == 1.0 and metrics["lr"] < 7e-6
+    fits = fit_schedule(200_000, 16_000, 64_000, 10_000)  # a run FAST's lengths fit: unchanged
+    assert not fits["scaled"] and fits["lr_warmup_steps"] == 16_000 and fits["sparsity_warmup_steps"] == 10_000
+    only_sparsity = fit_schedule(100, 10, 20, 500)
+    assert (only_sparsity["lr_warmup_steps"], only_sparsity["sparsity_warmup_steps"]) == (10, 50)
+
+
+def test_schedule_used_is_in_the_sae_report():
+    from saefd_ray.stream.config import validate_sae
+    from saefd_ray.stream.report import describe_schedule
+    from saefd_ray.stream.run import schedule_used
+
+    config = validate_sae({"data": {"sources": [{"kind": "file", "path": "x.json"}]}})  # 1M tokens, batch 4096
+    line = describe_schedule(schedule_used(config))
+    assert line.startswith("schedule: 244 steps; LR warm-up 24, cosine, linear decay over the last 98; sparsity "
+                           "warm-up 15") and "configured 16000 / 64000 / 10000 do not fit the run" in line
+
+
+def test_b_dec_init_reads_the_first_mixing_buffer_fill():
+    data = [torch.randn(100, 3, generator=torch.Generator().manual_seed(i)) * (1 + i) for i in range(10)]
+    buf = MixingBuffer(lambda s: iter(data[s:]), capacity=300, batch_size=50, seed=0)
+    it = iter(buf)
+    first_batch = next(it)
+    fill = buf.first_fill
+    assert fill.shape == (300, 3)  # the whole fill, not the batch
+    torch.testing.assert_close(fill[fill[:, 0].argsort()], torch.cat(data[:3])[torch.cat(data[:3])[:, 0].argsort()])
+    sae = build_sae(SAEConfig("standard", 3, 8), seed=0)
+    tr = SAETrainer(sae, TrainerConfig(total_steps=10))
+    tr.init_b_dec(fill)
+    torch.testing.assert_close(sae.b_dec.detach(), geometric_median(torch.cat(data[:3])))
+    assert not torch.allclose(sae.b_dec.detach(), geometric_median(first_batch), atol=1e-3)
+    next(it)
+    resumed = MixingBuffer(lambda s: iter(data[s:]), capacity=300, batch_size=50, seed=0)
+    resumed.load_state_dict(buf.state_dict())
+    next(iter(resumed))
+    assert resumed.first_fill is None  # a resumed buffer has no first fill (b_dec was initialised before)
+    # the union of two ranks' fills, by reduced sums, without gathering them: here both "ranks" hold the same fill
+    torch.testing.assert_close(geometric_median(fill, all_reduce=lambda t: t * 2), geometric_median(fill))

@@ -50,13 +50,16 @@ def reference(config):
     acts = torch.from_numpy(activations(np.arange(N_ROWS)))
     chunks = list(acts.split(CHUNK))
     local = t.batch_size // world
-    buffers = [iter(MixingBuffer(chunks[r::world], capacity=t.buffer_tokens, batch_size=local,
-                                 seed=buffer_seed(t.seed, r, LAYER))) for r in range(world)]
+    mixing = [MixingBuffer(chunks[r::world], capacity=t.buffer_tokens, batch_size=local,
+                           seed=buffer_seed(t.seed, r, LAYER)) for r in range(world)]
+    buffers = [iter(b) for b in mixing]
     sae = build_sae(sae_config(config, D)(LAYER), seed=t.seed + LAYER)
     trainer = SAETrainer(sae, trainer_config(t, t.tokens // t.batch_size))
     losses = []
     while trainer.tokens_seen < t.tokens:
         batch = torch.cat([next(b) for b in buffers])
+        if trainer.step_count == 0:  # b_dec from the union of the workers' first buffer fills, not the first batch
+            trainer.init_b_dec(torch.cat([b.first_fill for b in mixing]))
         losses.append(trainer.step(batch)["loss"])
     return losses, sae
 

@@ -32,7 +32,6 @@ def test_trace_metrics_by_task(shared_data):
                             data_root=shared_data)
         task = load_task(config.tasks.sequence[0], config)
         assert task.metric == metric
-        assert (task.sources is not None) == (metric == "sari")
 
 
 def test_cl_benchmark_loader_renders_instruction_and_options(shared_data):
@@ -59,10 +58,12 @@ def test_generic_json_and_jsonl(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
     (folder / "test.jsonl").write_text('{"q": "3+3", "a": "6"}\n')
+    (folder / "dev.jsonl").write_text('{"q": "4+4", "a": "8"}\n')
     config = run_config(tmp_path, {"name": "qa", "format": "json", "path": "qa", "prompt_field": "q",
                                    "answer_field": "a"})
     task = load_task(config.tasks.sequence[0], config)
     assert task.train == [Example("1+1", "2"), Example("2+2", "4")] and task.metric == "accuracy"
+    assert task.validation == [Example("4+4", "8")] and task.validation_source == "dev.jsonl"
 
 
 def _cl_folder(tmp_path: Path, records, labels=("yes", "no")) -> Path:
@@ -133,3 +134,68 @@ def test_encode_masks_the_prompt(tiny_model_path):
     batch = collate([encoded, encode(tokenizer, Example("b", "south"), 64, 4)], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"][0].sum()) == len(encoded.input_ids)
+
+
+# ------------------------------------------------------------------------------------------ validation splits
+
+
+def test_synthetic_validation_is_a_seeded_disjoint_carve_out(tmp_path):
+    spec = {"name": "a", "format": "synthetic", "generator": "rule_a"}
+    config = RunConfig.model_validate({"tasks": {"sequence": [spec], "validation": {"size": 24}}})
+    task = load_task(config.tasks.sequence[0], config)
+    full = load_synthetic(TaskConfig(**spec)).train
+    assert len(task.validation) == 24 and task.validation_source == "carve-out of train"
+    assert not set(task.validation) & set(task.train)  # disjoint by content, not only by position
+    assert set(task.validation) | set(task.train) == set(full)  # nothing else lost
+    again = load_task(config.tasks.sequence[0], config)
+    assert again.validation == task.validation and again.train == task.train  # seeded
+    capped = RunConfig.model_validate({"tasks": {"sequence": [{**spec, "max_train": 40}], "validation": {"size": 24}}})
+    small = load_task(capped.tasks.sequence[0], capped)
+    assert small.validation == task.validation and len(small.train) == 40  # max_train never moves validation
+    other = RunConfig.model_validate({"tasks": {"sequence": [spec], "seed": 1, "validation": {"size": 24}}})
+    assert load_task(other.tasks.sequence[0], other).validation != task.validation
+    default = RunConfig.model_validate({"tasks": {"sequence": [spec]}})
+    assert len(load_task(default.tasks.sequence[0], default).validation) == 32  # small by default
+
+
+def test_carve_out_refuses_to_empty_train(tmp_path):
+    folder = tmp_path / "T"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps([{"prompt": str(i), "answer": "a"} for i in range(4)]))
+    (folder / "test.json").write_text('[{"prompt": "p", "answer": "a"}]')
+    config = RunConfig.model_validate({"tasks": {"data_root": str(tmp_path), "validation": {"size": 4},
+                                                 "sequence": [{"name": "T", "format": "trace", "path": "T"}]}})
+    with pytest.raises(DataError, match=r"task 'T': 4 train examples leave none .*\(tasks.validation.size\)"):
+        load_task(config.tasks.sequence[0], config)
+
+
+def test_trace_validation_is_its_eval_json(shared_data):
+    config = RunConfig.model_validate({"tasks": {"data_root": str(shared_data), "validation": {"size": 10},
+                                                 "sequence": [{"name": "sq", "format": "trace",
+                                                               "path": "trace/ScienceQA"}]}})
+    task = load_task(config.tasks.sequence[0], config)
+    raw = json.loads((shared_data / "trace/ScienceQA/eval.json").read_text())
+    train = json.loads((shared_data / "trace/ScienceQA/train.json").read_text())
+    assert task.validation_source == "eval.json" and len(task.validation) == 10
+    assert set(task.validation) <= {Example(r["prompt"], r["answer"]) for r in raw}
+    assert len(task.train) == len(train)  # nothing carved out of train when the dataset has its own split
+
+
+def test_cl_benchmark_and_json_validation_files(tmp_path):
+    folder = _cl_folder(tmp_path, [{"sentence": f"s{i}", "label": "yes"} for i in range(40)])
+    (folder / "dev.json").write_text(json.dumps([{"sentence": "dev sentence", "label": "no"}]))
+    config = run_config(tmp_path, {"name": "t", "format": "cl_benchmark", "path": "cl/agnews"})
+    task = load_task(config.tasks.sequence[0], config)
+    assert task.validation_source == "dev.json" and len(task.validation) == 1
+    assert "dev sentence" in task.validation[0].prompt and task.validation[0].answer == "no"
+    assert len(task.train) == 40
+    qa = tmp_path / "qa"
+    qa.mkdir()
+    for split, n in (("train", 40), ("test", 2), ("valid", 3)):
+        (qa / f"{split}.json").write_text(json.dumps([{"prompt": f"{split}{i}", "answer": "x"} for i in range(n)]))
+    spec = {"name": "qa", "format": "json", "train_file": "qa/train.json", "test_file": "qa/test.json"}
+    explicit = run_config(tmp_path, {**spec, "validation_file": "qa/valid.json"})
+    task = load_task(explicit.tasks.sequence[0], explicit)
+    assert [e.prompt for e in task.validation] == ["valid0", "valid1", "valid2"] and len(task.train) == 40
+    carved = load_task(run_config(tmp_path, spec).tasks.sequence[0], run_config(tmp_path, spec))
+    assert carved.validation_source == "carve-out of train" and len(carved.train) == 40 - 32

@@ -22,6 +22,7 @@ from saefd_ray.tune.sweep import (
     load_sweep,
     param_space,
     searcher,
+    selection_rows,
     trial_metrics,
 )
 
@@ -105,6 +106,31 @@ def test_trial_metrics_and_concurrency():
     assert concurrency(sweep, raw, {"CPU": 1.0}) == 5
 
 
+def test_trial_scores_and_choice_read_validation_only():
+    """A trial's reports (objective, ASHA's input) and the ranking that writes best.yaml see validation only."""
+    from saefd_ray.tune.results import rank
+
+    validation = {"x": [[25.0, 25.0], [70.0, 30.0], [60.0, 65.0]], "y": [[25.0, 25.0], [60.0, 30.0], [50.0, 55.0]]}
+    test = {"x": [[20.0, 22.0], [40.0, 20.0], [30.0, 35.0]], "y": [[20.0, 22.0], [90.0, 20.0], [95.0, 90.0]]}
+    corrupted = {trial: [[100.0 - v for v in row] for row in rows] for trial, rows in test.items()}
+
+    def reports_and_choice(test_rows):
+        reports, table = {}, []
+        for trial in ("x", "y"):
+            results = {"r_matrix": test_rows[trial], "r_matrix_validation": validation[trial]}
+            rows = selection_rows(results)
+            reports[trial] = [trial_metrics(rows[: i + 2], ["a", "b"], i, final=i == 1) for i in range(2)]
+            last = reports[trial][-1]
+            table.append({"trial_id": trial, "status": "completed", "aa": last["aa"], "bwt": last["bwt"],
+                          "running_aa": last["running_aa"]})
+        return reports, rank(table)[0]["trial_id"]
+
+    reports, best = reports_and_choice(test)
+    assert best == "x"  # on test, y would win (AA 92.5 vs 32.5): the choice is validation's
+    assert reports_and_choice(corrupted) == (reports, best)
+    assert reports["x"][-1]["aa"] == pytest.approx(62.5)
+
+
 # ---------------------------------------------------------------------------------------------- a real sweep
 
 
@@ -168,16 +194,17 @@ def test_grid_sweep_rho_by_anchor_size(tmp_path, cache_dir, sae_folder, ray_clus
         results = json.loads((trial_dir / "results.json").read_text())  # the trial's own run_sequence report
         cfg = results["config"]["method"]
         assert (cfg["rho"], cfg["anchor_size"]) == (float(row["method.rho"]), int(row["method.anchor_size"]))
-        assert float(row["aa"]) == pytest.approx(results["summary"]["aa"], abs=1e-4)
-        assert float(row["bwt"]) == pytest.approx(results["summary"]["bwt"], abs=1e-4)
-        R = results["r_matrix"]
+        chosen_on = results["summary_validation"]  # trials report validation scores only; test is the report's
+        assert float(row["aa"]) == pytest.approx(chosen_on["aa"], abs=1e-4)
+        assert float(row["bwt"]) == pytest.approx(chosen_on["bwt"], abs=1e-4)
+        R = results["r_matrix_validation"]
         assert reports[0]["running_aa"] == pytest.approx(R[1][0])  # running AA after task 1 = mean R[1][:1]
-        assert reports[-1]["score"] == pytest.approx(results["summary"]["aa"] + 1e-4 * results["summary"]["bwt"])
+        assert reports[-1]["score"] == pytest.approx(chosen_on["aa"] + 1e-4 * chosen_on["bwt"])
     keys = [(float(r["aa"]), float(r["bwt"])) for r in completed]
     assert keys == sorted(keys, reverse=True) and table[0]["status"] == "completed"  # ranked by AA, then BWT
 
     md = (exp / "trials.md").read_text().strip().splitlines()
-    assert len(md) == 2 + 4 and "method.rho" in md[0] and "aa" in md[0]
+    assert len(md) == 4 + 4 and "validation" in md[0] and "method.rho" in md[2] and "aa" in md[2]
     best = load_config(exp / "best.yaml")  # ready to run
     assert best.method.name == "sae_fd" and best.output.run_name == "grid-best"
     assert (best.method.rho, best.method.anchor_size) == (float(table[0]["method.rho"]),
@@ -196,3 +223,73 @@ def test_grid_sweep_rho_by_anchor_size(tmp_path, cache_dir, sae_folder, ray_clus
     with pytest.raises(ConfigError, match="written by a different sweep"):
         run_sweep(load_sweep(sweep_yaml, ["space.method.rho.grid=[0.1,0.2]"]), verbose=0)
     assert math.isfinite(float(table[0]["aa"]))
+
+
+def cl_task_folders(root: Path) -> None:
+    """Two CL-benchmark-layout tasks (synthetic rules) under root/real and the same under root/relabelled, where
+    every test label is changed to another label; train and validation (dev.json) are identical."""
+    from saefd_ray.config import TaskConfig
+    from saefd_ray.data.synthetic import LABELS, load_synthetic
+
+    def records(examples, shift=0):
+        return [{"sentence": e.prompt, "label": LABELS[(LABELS.index(e.answer) + shift) % len(LABELS)]}
+                for e in examples]
+
+    for variant, shift in (("real", 0), ("relabelled", 1)):
+        (root / variant).mkdir(parents=True)
+        (root / variant / "instruction_config.json").write_text(json.dumps({"TC": [{"instruction": "Direction?\n"}]}))
+        for rule in ("rule_a", "rule_b"):
+            task = load_synthetic(TaskConfig(name=rule, format="synthetic", generator=rule))
+            folder = root / variant / rule
+            folder.mkdir()
+            (folder / "labels.json").write_text(json.dumps(LABELS))
+            (folder / "train.json").write_text(json.dumps(records(task.train[:48])))
+            (folder / "dev.json").write_text(json.dumps(records(task.train[48:64])))
+            (folder / "test.json").write_text(json.dumps(records(task.test[:16], shift)))
+
+
+@pytest.mark.ray
+def test_changing_test_labels_changes_no_trial_score(tmp_path, cache_dir, ray_cluster):
+    """A real ASHA sweep whose two trials differ only in their tasks' test labels: every report (Tune's objective,
+    ASHA's input) is identical, neither trial is pruned, and only the trials' test R matrices differ."""
+    from saefd_ray.tune.sweep import run_sweep
+
+    cl_task_folders(tmp_path / "cl")
+    variants = [str(tmp_path / "cl" / "real"), str(tmp_path / "cl" / "relabelled")]
+    run_yaml = write_yaml(tmp_path / "run.yaml", {
+        "model": {"name_or_path": "tiny", "cache_dir": str(cache_dir),
+                  "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+                           "num_heads": 2, "pretrain_epochs": 0}},  # a base that scores, not one that learns much
+        "lora": {"r": 4, "alpha": 8},
+        "tasks": {"data_root": variants[0],
+                  "sequence": [{"name": n, "format": "cl_benchmark", "path": n, "family": "TC"}
+                               for n in ("rule_a", "rule_b")]},
+        "training": {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_prompt_len": 48, "max_answer_len": 4},
+        "distributed": {"num_workers": 1, "zero_stage": 2, "max_failures": 0},
+        "evaluation": {"batch_size": 16},
+        "output": {"root": str(tmp_path / "unused"), "run_name": "base"},
+    })
+    sweep_yaml = write_yaml(tmp_path / "sweep.yaml", {
+        "base": {"config": str(run_yaml)},
+        "space": {"tasks.data_root": {"grid": variants}},
+        "search": {"algorithm": "grid"},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"driver_cpus": 1, "max_concurrent_trials": 2},
+        "output": {"root": str(tmp_path / "tune"), "name": "labels"},
+    })
+    summary = run_sweep(load_sweep(sweep_yaml), verbose=0)
+    exp = tmp_path / "tune" / "labels"
+    assert summary["statuses"] == {"completed": 2, "stopped": 0, "error": 0}
+    with (exp / "trials.csv").open() as handle:
+        table = {r["tasks.data_root"]: r for r in csv.DictReader(handle)}
+    reports, results = {}, {}
+    for root, row in table.items():
+        lines = (next(exp.glob(f"*{row['trial_id']}*")) / "result.json").read_text().splitlines()
+        reports[root] = [{k: json.loads(line)[k] for k in ("tasks_done", "running_aa", "score")} for line in lines]
+        results[root] = json.loads((Path(row["run_dir"]) / "results.json").read_text())
+    real, relabelled = variants
+    assert len(reports[real]) == 2 and reports[real] == reports[relabelled]  # every report, also ASHA's rung
+    assert [table[real][k] for k in ("aa", "bwt")] == [table[relabelled][k] for k in ("aa", "bwt")]
+    assert results[real]["r_matrix_validation"] == results[relabelled]["r_matrix_validation"]
+    assert results[real]["r_matrix"] != results[relabelled]["r_matrix"]  # the test labels did change test scores
+    assert results[real]["validation"]["rule_a"] == {"source": "dev.json", "size": 16}

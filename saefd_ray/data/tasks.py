@@ -1,8 +1,10 @@
-"""Tasks: what an instance is, and the loaders that turn files (or generators) into train/test splits.
+"""Tasks: what an instance is, and the loaders that turn files (or generators) into train/validation/test splits.
 
-A task is a list of prompt/answer `Example`s per split plus the metric that scores it. Classification tasks
-carry their label strings as `options`, so evaluation can rank the options' log-likelihood instead of
-generating (fast on CPU, and immune to formatting noise). Loaders never see tokenizers: rendering is
+A task is a list of prompt/answer `Example`s per split plus the metric that scores it. Validation chooses (Tune's
+objective and pruning, any selection), test only reports: the validation split is the dataset's own (TRACE
+`eval.json`, CL-benchmark `dev.json`) when it has one, else a seeded carve-out of train, disjoint from it.
+Classification tasks carry their label strings as `options`, so evaluation can rank the options' log-likelihood
+instead of generating (fast on CPU, and immune to formatting noise). Loaders never see tokenizers: rendering is
 `saefd_ray.data.render`'s job.
 """
 
@@ -31,7 +33,8 @@ class Task:
     train: list[Example]
     test: list[Example]
     options: list[str] | None = None  # label strings of a classification task
-    sources: list[str] | None = field(default=None, repr=False)  # SARI needs the inputs of the test split
+    validation: list[Example] = field(default_factory=list, repr=False)  # filled by load_task if the loader has none
+    validation_source: str = "carve-out of train"  # or the file it was read from
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -99,7 +102,8 @@ def load_trace(spec: TaskConfig, root: Path) -> Task:
     metric = spec.metric or TRACE_METRICS.get(root.name, "accuracy")
     train = pairs(root / "train.json", spec.prompt_field, spec.answer_field)
     test = pairs(root / "test.json", spec.prompt_field, spec.answer_field)
-    return Task(spec.name, metric, train, test)
+    return _with_validation(Task(spec.name, metric, train, test), root / "eval.json",
+                            lambda path: pairs(path, spec.prompt_field, spec.answer_field))
 
 
 def load_cl_benchmark(spec: TaskConfig, root: Path) -> Task:
@@ -123,7 +127,8 @@ def load_cl_benchmark(spec: TaskConfig, root: Path) -> Task:
             examples.append(Example(prompt, record["label"]))
         return examples
 
-    return Task(spec.name, spec.metric or "options", load(root / "train.json"), load(root / "test.json"), labels)
+    task = Task(spec.name, spec.metric or "options", load(root / "train.json"), load(root / "test.json"), labels)
+    return _with_validation(task, root / "dev.json", load)
 
 
 def read_records_plain(path: Path):
@@ -161,7 +166,38 @@ def load_json(spec: TaskConfig, root: Path | None, resolve: Callable[[str], Path
         train_path, test_path = root / f"train{suffix}", root / f"test{suffix}"
     train = pairs(train_path, spec.prompt_field, spec.answer_field)
     test = pairs(test_path, spec.prompt_field, spec.answer_field)
-    return Task(spec.name, spec.metric or "accuracy", train, test)
+    task = Task(spec.name, spec.metric or "accuracy", train, test)
+    if spec.validation_file:
+        validation_path = resolve(spec.validation_file)
+    else:
+        folder = train_path.parent
+        found = [folder / f"{stem}{train_path.suffix}" for stem in ("dev", "eval", "validation")]
+        validation_path = next((path for path in found if path.is_file()), found[0])
+    return _with_validation(task, validation_path, lambda path: pairs(path, spec.prompt_field, spec.answer_field))
+
+
+def _with_validation(task: Task, path: Path, read: Callable[[Path], list[Example]]) -> Task:
+    """Attach the dataset's own validation split when its file exists (else load_task carves one out of train)."""
+    if path.is_file():
+        task.validation, task.validation_source = read(path), path.name
+    return task
+
+
+def carve_out(examples: list[Example], size: int, seed: int, salt: str) -> tuple[list[Example], list[Example]]:
+    """(train, validation): `size` seeded examples moved out of train; train keeps no copy of any of them.
+
+    Removing equal copies too keeps the split disjoint by content, not only by position, so a duplicated record
+    cannot sit on both sides.
+    """
+    if size >= len(examples):
+        raise DataError(f"task {salt!r}: {len(examples)} train examples leave none for training after carving out "
+                        f"a validation split of {size} (tasks.validation.size)")
+    validation = subsample(examples, size, seed, f"{salt}:validation")
+    held = set(validation)
+    train = [example for example in examples if example not in held]
+    if not train:
+        raise DataError(f"task {salt!r}: every train example is a copy of a validation one (tasks.validation.size)")
+    return train, validation
 
 
 def load_task(spec: TaskConfig, config: RunConfig) -> Task:
@@ -177,11 +213,13 @@ def load_task(spec: TaskConfig, config: RunConfig) -> Task:
         task = load_cl_benchmark(spec, root)
     else:
         task = load_json(spec, root, config.data_path)
-    seed = config.tasks.seed
+    seed, size = config.tasks.seed, config.tasks.validation.size
+    if task.validation:
+        task.validation = subsample(task.validation, size, seed, f"{spec.name}:validation")
+    else:  # carved out before max_train, so the validation split does not depend on it
+        task.train, task.validation = carve_out(task.train, size, seed, spec.name)
     task.train = subsample(task.train, spec.max_train, seed, f"{spec.name}:train")
     task.test = subsample(task.test, spec.max_test, seed, f"{spec.name}:test")
-    if task.metric == "sari":
-        task.sources = [example.prompt for example in task.test]
     return task
 
 

@@ -4,8 +4,10 @@ Every file is written atomically (`saefd_ray.io`), so a run killed mid-report ne
 results.json for resume to choke on. The heatmap uses a bare Agg canvas rather than pyplot, so no global backend is
 switched and it is safe in Ray workers and headless CI.
 
-`results` keys: `config` (dict), `tasks` (names), `r_matrix` (rows, row 0 = base), `summary` (from `summarize`),
-`timings` ({name: seconds}), `method` (str); extra keys are kept in results.json. Optional `row_labels` overrides
+`results` keys: `config` (dict), `tasks` (names), `r_matrix` (rows, row 0 = base; scored on test: the report),
+`summary` (from `summarize`), `timings` ({name: seconds}), `method` (str); optional `r_matrix_validation` /
+`summary_validation` (the same on the validation splits, which Tune and any selection read) and `validation`
+({task: {source, size}}); extra keys are kept in results.json. Optional `row_labels` overrides
 the default row labels `base`, `after <task>` (e.g. for a multi-task run whose rows are not one per task).
 """
 
@@ -79,11 +81,24 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     out = [f"# Run report: {results.get('method', '?')}", "", f"- method: `{results.get('method', '?')}`"]
     out += [f"- model: `{_model_name(results)}`", f"- tasks ({len(tasks)}): {', '.join(tasks)}", ""]
 
-    out += ["## R matrix", "", "Score (0–100) on each task (columns) after each training stage (rows).", ""]
+    out += ["## R matrix", "", "Score (0–100) on each task's test split (columns) after each training stage (rows).",
+            ""]
     body = [[label] + [_fmt(v) for v in row] for label, row in zip(row_labels(results), results["r_matrix"])]
     out += _md_table(["", *tasks], body) + [""]
 
     out += ["## Summary", ""] + _md_table(["metric", "value"], _summary_rows(summary)) + [""]
+
+    if results.get("r_matrix_validation"):
+        out += ["## R matrix on validation", "", "The same stages scored on each task's validation split: what "
+                "Tune and any selection read (test, above, is only reported).", ""]
+        body = [[label] + [_fmt(v) for v in row]
+                for label, row in zip(row_labels(results), results["r_matrix_validation"])]
+        out += _md_table(["", *tasks], body) + [""]
+        out += _md_table(["metric", "value"], _summary_rows(results.get("summary_validation") or {})) + [""]
+        sources = results.get("validation") or {}
+        if sources:
+            out += ["Validation splits: " + "; ".join(f"{task} {v.get('size')} ({v.get('source')})"
+                                                      for task, v in sources.items()), ""]
 
     forgetting = summary.get("forgetting") or {}
     if forgetting:

@@ -1,4 +1,4 @@
-"""Scoring a model on a task's test split, sharded over the Ray Train workers.
+"""Scoring a model on a task's test (or validation) split, sharded over the Ray Train workers.
 
 Classification tasks rank their label options by log-likelihood (no generation: fast on CPU and not fooled
 by formatting); other tasks generate greedily and score the text. Each worker takes
@@ -100,14 +100,15 @@ def generated_predictions(model, tokenizer, examples: list[Example], cfg, device
     return predictions
 
 
-def score_task(model, tokenizer, task: Task, cfg, device) -> float:
-    """The task's metric (0-100) over its full test split; identical on every rank."""
+def score_task(model, tokenizer, task: Task, cfg, device, split: str = "test") -> float:
+    """The task's metric (0-100) over its full `split` ("test" or "validation"); identical on every rank."""
     from saefd_ray.eval.metrics import score
 
+    examples: list[Example] = getattr(task, split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    per_rank = math.ceil(len(task.test) / world)
-    shard = task.test[rank::world]
-    padded = shard + [task.test[0]] * (per_rank - len(shard))  # equal forward counts on all ranks
+    per_rank = math.ceil(len(examples) / world)
+    shard = examples[rank::world]
+    padded = shard + [examples[0]] * (per_rank - len(shard))  # equal forward counts on all ranks
     if task.options:
         predictions = option_predictions(model, tokenizer, padded, task.options, cfg, device)
     else:
@@ -119,15 +120,17 @@ def score_task(model, tokenizer, task: Task, cfg, device) -> float:
         dist.all_gather_object(gathered, predictions)
     else:
         gathered = [predictions]
-    ordered = [None] * len(task.test)
+    ordered = [None] * len(examples)
     for r, preds in enumerate(gathered):
         ordered[r::world] = preds
-    references = [e.answer for e in task.test]
-    return score(task.metric, ordered, references, sources=task.sources)
+    references = [e.answer for e in examples]
+    sources = [e.prompt for e in examples] if task.metric == "sari" else None  # SARI scores against the inputs
+    return score(task.metric, ordered, references, sources=sources)
 
 
-def score_row(model, tokenizer, tasks: list[Task], cfg, device) -> list[float]:
+def score_row(model, tokenizer, tasks: list[Task], cfg, device, split: str = "test") -> list[float]:
+    """One R-matrix row: every task's score on its `split`."""
     model.eval()
-    row = [score_task(model, tokenizer, task, cfg, device) for task in tasks]
+    row = [score_task(model, tokenizer, task, cfg, device, split) for task in tasks]
     model.train()
     return row

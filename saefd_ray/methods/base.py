@@ -4,11 +4,12 @@ The training loop knows nothing about methods beyond these hooks, called in this
 
     driver   validate(model_path)                     check method inputs against the model before any training
     driver   training_examples(t, tasks, state_dir)  which examples train task t (replay, multi-task)
+    worker   epochs(t, tasks)                         how many epochs stage t trains (mtl: its own setting)
     worker   prepare_model(model, ctx)                 wrap the base model in LoRA (o_lora, per_task differ)
              load_state(ctx)                          read what earlier tasks left in ctx.state_in
              regularizer(model, batch, task_loss)     extra loss term + scalars to log, every step
              after_task(model, ctx)                   compute and write this task's state into ctx.state_out
-             adjust_row(row, base_row, ctx)           the R-matrix row to record (per_task rewrites it)
+             adjust_row(row, base_row, ctx, split)    the R-matrix row to record, per split (per_task rewrites it)
              progress_state() / load_progress_state  optional: method state inside mid-task checkpoints
 
 State lives in plain files under the task's checkpoint (safetensors / JSON), so a resumed sequence continues
@@ -17,6 +18,7 @@ exactly. A method that adds nothing (seq_lora) is this class as is.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +70,11 @@ class Method:
     def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
         return tasks[task_index].train
 
+    def epochs(self, task_index: int, tasks: list[Task]) -> int:
+        """Epochs of stage `task_index`: training.epochs_per_task of its task, else training.epochs."""
+        training = self.config.training
+        return training.epochs_per_task.get(tasks[task_index].name, training.epochs)
+
     # ---------------------------------------------------------------- worker side
     def prepare_model(self, model: nn.Module, ctx: TaskContext) -> nn.Module:
         """LoRA-wrap the base model; continue from the previous task's adapter unless told otherwise."""
@@ -98,9 +105,24 @@ class Method:
     def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         """Compute this task's state (Fisher, anchors, masks...) and write it into ctx.state_out on rank 0."""
 
-    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext) -> list[float]:
-        """The R-matrix row recorded for this task, given the scores of the trained model on every task."""
+    def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext,
+                   split: str = "test") -> list[float]:
+        """The R-matrix row recorded for this task, given the trained model's scores on every task's `split`."""
         return row
+
+
+@contextmanager
+def dropout_off(model: nn.Module):
+    """Reference forwards (SAE-FD's anchor pass, LwF's teacher, sae_reg's base pass) run without dropout, LoRA's
+    included, so they are deterministic: with `lora.dropout` 0.05, a dropped-out anchor pass would put a noise floor
+    under L_FD at the reference (and into λ*). Gradients still flow; every module's train flag is restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def load_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from saefd_ray.methods.base import (ADAPTER, Method, OutputCapture, TaskContext, load_adapter_weights, peft_key,
-                                    trainable_params)
+from saefd_ray.methods.base import (ADAPTER, Method, OutputCapture, TaskContext, dropout_off, load_adapter_weights,
+                                    peft_key, trainable_params)
 
 
 def distill_kl(logits: Tensor, teacher: Tensor, mask: Tensor, temperature: float) -> Tensor:
@@ -36,7 +36,8 @@ def logits_with(model: nn.Module, weights: dict[str, Tensor], batch: dict) -> Te
     try:
         for name, param in named:
             param.data.copy_(weights[peft_key(name)])
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with dropout_off(model):  # the teacher is deterministic
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     finally:
         for (_, param), value in zip(named, saved):
             param.data.copy_(value)

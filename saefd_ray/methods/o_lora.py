@@ -1,6 +1,9 @@
 """O-LoRA: a new LoRA per task, orthogonal to the frozen LoRAs of earlier tasks (papers.md §4).
 
-    L = CE + λ1 · Σ_old Σ_modules Σ |A_old A_newᵀ|  +  λ2 · Σ ‖θ_new‖²
+    L = CE + λ1 · Σ_old Σ_modules Σ |A_old A_newᵀ|  +  λ2 · Σ_tensors ‖θ_new‖₂
+
+The L2 term follows O-LoRA's released code (`l2_loss += torch.norm(param, p=2)` over the new LoRA's A and B
+tensors): a sum of plain (Frobenius) norms, one per tensor, not a squared norm as the paper's notation suggests.
 
 Old adapters stay frozen and active. We **merge** them into the base weights before wrapping the model in the
 new task's LoRA (W ← W + s·B_old A_old, in task order): the forward is the same as keeping them as frozen side
@@ -70,7 +73,7 @@ class OLora(Method):
                 extra = self.cfg.lambda_orth * orth
                 logs["orth"] = float(orth.detach())
         if self.cfg.lambda_l2 > 0:
-            l2 = torch.stack([p.pow(2).sum() for _, p in trainable_params(model)]).sum()
+            l2 = torch.stack([p.norm() for _, p in trainable_params(model)]).sum()  # O-LoRA's code: plain norms
             extra = self.cfg.lambda_l2 * l2 if extra is None else extra + self.cfg.lambda_l2 * l2
             logs["l2"] = float(l2.detach())
         return extra, logs

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from saefd_ray.data.render import encode
 from saefd_ray.methods.anchors import Anchors, anchor_file, build_anchors, load_all, sample_batch
-from saefd_ray.methods.base import Method, TaskContext
+from saefd_ray.methods.base import Method, TaskContext, dropout_off
 from saefd_ray.methods.lambda_control import LambdaController
 from saefd_ray.methods.sae_source import codes, load_sae, validate_sources
 from saefd_ray.models.loading import check_layer, residual_stream
@@ -87,7 +87,8 @@ class SaeFd(Method):
 
     def anchor_loss(self, model: nn.Module, ids: Tensor, mask: Tensor, values: Tensor, indices: Tensor) -> Tensor:
         device = next(self.sae.parameters()).device
-        hidden = residual_stream(model, ids.to(device), mask.to(device), [self.layer])[self.layer]
+        with dropout_off(model):  # the anchors were written without dropout: at the reference, L_FD = 0 exactly
+            hidden = residual_stream(model, ids.to(device), mask.to(device), [self.layer])[self.layer]
         f = codes(self.sae, hidden[mask.to(device).bool()])
         return fd_loss(f, values, indices, self.cfg.beta, self.cfg.eps)
 

@@ -14,9 +14,11 @@ frozen base model, both encoded by the frozen SAE, relative to the feature's bas
 
     d_i = mean_tok |f_i(current) − f_i(base)| / (mean_tok |f_i(base)| + mean_{i,tok} |f(base)| + 1e-6)
 
-(the global mean in the denominator keeps d finite for features silent on the base model). With H = {i : m̃_i ≥
-quantile(m̃, high_mask_quantile)} the task's features and protection weights p_i = max(1 − m̃_i, max_{s<t} m̃^s_i)
-(low for this task's features, high for anything earlier tasks relied on):
+(the global mean in the denominator keeps d finite for features silent on the base model). With H the task's
+features — the top 1 − high_mask_quantile share of features by m̃ rank, among those with m̃ > 0 (a threshold
+`m̃ ≥ quantile(m̃, q)` would put every feature in H once ≥ q of the mask is 0, a narrow task with knn_k 0, and
+L_protect would vanish) — and protection weights p_i = max(1 − m̃_i, max_{s<t} m̃^s_i) (low for this task's
+features, high for anything earlier tasks relied on):
 
     L_protect = mean_{i ∉ H} p_i · max(0, d_i − stability_budget)²
     L_guide   = mean_{i ∈ H} max(0, plasticity_threshold − d_i)²
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 
 from saefd_ray.data.render import encode
 from saefd_ray.methods.anchors import pad_batch
-from saefd_ray.methods.base import Method, OutputCapture, TaskContext
+from saefd_ray.methods.base import Method, OutputCapture, TaskContext, dropout_off
 from saefd_ray.methods.sae_source import codes, load_sae, sae_sources, validate_sources
 from saefd_ray.models.loading import check_layer, decoder_stack, residual_stream
 
@@ -62,6 +64,16 @@ def knn_spread(mask: Tensor, decoder: Tensor, k: int, chunk: int = 2048) -> Tens
 def drift(f_cur: Tensor, f_base: Tensor) -> Tensor:
     base_mag = f_base.abs().mean(0)
     return (f_cur - f_base).abs().mean(0) / (base_mag + base_mag.mean() + 1e-6)
+
+
+def high_features(mask: Tensor, quantile: float) -> Tensor:
+    """H as a bool [d_sae]: the top round((1 − quantile)·d_sae) features by mask rank (at least 1, never all),
+    keeping only those with mask > 0. Selection by rank, so ties at 0 can never make every feature "high"."""
+    d = mask.numel()
+    k = min(d - 1, max(1, round((1 - quantile) * d)))
+    high = torch.zeros(d, dtype=torch.bool, device=mask.device)
+    high[mask.float().topk(k).indices] = True
+    return high & (mask > 0)
 
 
 def hinge_losses(d: Tensor, protect: Tensor, high: Tensor, budget: float, threshold: float) -> tuple[Tensor, Tensor]:
@@ -160,7 +172,7 @@ class SaeReg(Method):
             for old in self.previous:
                 protect = torch.maximum(protect, old[layer])
             self.protect[layer] = protect
-            self.high[layer] = mask >= torch.quantile(mask.float(), self.cfg.high_mask_quantile)
+            self.high[layer] = high_features(mask, self.cfg.high_mask_quantile)
 
     # ---------------------------------------------------------------------------------------------- loss
     def regularizer(self, model: nn.Module, batch: dict, task_loss: Tensor) -> tuple[Tensor | None, dict]:
@@ -169,7 +181,7 @@ class SaeReg(Method):
         current = {layer: capture.pop() for layer, capture in self.captures.items()}
         if any(v is None for v in current.values()):  # called outside the training forward: compute it
             current = residual_stream(model, ids, attention, self.layers)
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), model.disable_adapter(), dropout_off(model):  # the base pass is deterministic
             base = residual_stream(model, ids, attention, self.layers)
         content = self.content_mask(ids, attention)
         protect_total, guide_total, drift_mean = 0.0, 0.0, 0.0

@@ -28,7 +28,7 @@ from .formats import (
 )
 from .gated import GatedSAE
 from .jumprelu import JumpReLUSAE
-from .recipe import fast_lr, geometric_median, sparsity_warmup
+from .recipe import fast_lr, fit_schedule, geometric_median, sparsity_warmup
 from .standard import StandardSAE
 from .topk import TopKSAE
 from .trainer import SAETrainer, StepResult, TrainerConfig
@@ -36,7 +36,8 @@ from .trainer import SAETrainer, StepResult, TrainerConfig
 __all__ = [
     "ARCHITECTURES", "ForwardOutput", "SAEConfig", "SparseAutoencoder", "SparseCodes", "build_sae", "fired_mask",
     "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "StandardSAE", "TopKSAE",
-    "MixingBuffer", "SAETrainer", "StepResult", "TrainerConfig", "fast_lr", "geometric_median", "sparsity_warmup",
+    "MixingBuffer", "SAETrainer", "StepResult", "TrainerConfig", "fast_lr", "fit_schedule", "geometric_median",
+    "sparsity_warmup",
     "SAEFormatError", "load_sae", "load_saelens", "load_sparsify", "load_trainer_state", "save_checkpoint",
     "save_saelens", "save_sparsify", "save_trainer_state",
     "decoder_layers", "fast_mse", "reconstruction_metrics", "splice", "sae_splice_fn", "spliced_metrics",

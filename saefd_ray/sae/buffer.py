@@ -7,6 +7,8 @@ Contract:
     ``drop_last=False`` exactly once. Until the source runs dry the buffer never serves from less than
     ``capacity`` tokens, and after each shuffle only the first half is served, so activations from one sequence are
     spread over many batches (no batch is dominated by one instance).
+  * ``first_fill`` is the whole first fill (shuffled) of a fresh buffer, once its first batch is out — what the
+    b_dec geometric-median init reads, as SAELens reads its storage buffer; the reader sets it to None to free it.
   * ``state_dict()`` at any point between yields captures: chunks consumed, the unserved tokens (in order), how many
     of them are in the current serve half, and the RNG. ``load_state_dict`` + iterating continues identically.
     ``include_data=False`` drops the unserved tokens (small state; a resume then skips them).
@@ -31,6 +33,7 @@ class MixingBuffer:
         self.batches_served = 0
         self._buf: Tensor | None = None  # unserved tokens; the first ``_serve`` of them are the current serve half
         self._serve = 0
+        self.first_fill: Tensor | None = None
 
     def _chunks(self) -> Iterator[Tensor]:
         src = self.source(self.chunks_consumed) if callable(self.source) else self.source
@@ -57,6 +60,8 @@ class MixingBuffer:
                     return
                 buf = torch.cat(parts) if len(parts) > 1 else parts[0]
                 buf = buf[torch.randperm(buf.shape[0], generator=self.generator).to(buf.device)]
+                if self.batches_served == 0 and self._buf is None:  # a fresh buffer's first fill
+                    self.first_fill = buf
                 half = buf.shape[0] if exhausted else buf.shape[0] // 2
                 serve = (half // self.batch_size) * self.batch_size
                 if exhausted and not self.drop_last:

@@ -14,12 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import SparseAutoencoder, SparseCodes
-from .recipe import fast_lr, geometric_median, sparsity_warmup
+from .recipe import fast_lr, fit_schedule, geometric_median, sparsity_warmup
 
 
 @dataclass
 class TrainerConfig:
-    """FAST defaults (lr 7e-5, 16k warm-up, cosine to 7e-6, 64k linear decay, λ warm-up 10k)."""
+    """FAST defaults (lr 7e-5, 16k warm-up, cosine to 7e-6, 64k linear decay, λ warm-up 10k); lengths that do not fit
+    ``total_steps`` are scaled to it (``recipe.fit_schedule``; the trainer's ``schedule`` holds what is used)."""
 
     total_steps: int = 100_000
     lr: float = 7e-5
@@ -51,6 +52,8 @@ class SAETrainer:
         fused = sae.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
                                           eps=self.cfg.adam_eps, fused=fused)
+        self.schedule = fit_schedule(self.cfg.total_steps, self.cfg.lr_warmup_steps, self.cfg.lr_decay_steps,
+                                     self.cfg.sparsity_warmup_steps)
         self.step_count = 0
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
@@ -58,21 +61,30 @@ class SAETrainer:
 
     # ---- recipe pieces ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_b_dec(self, acts: Tensor) -> None:
-        """b_dec ← geometric median (or mean) of the first buffer's activations; once per run."""
+    def init_b_dec(self, acts: Tensor, all_reduce=None) -> None:
+        """b_dec ← geometric median (or mean) of ``acts``; once per run. The streamed job passes the first mixing-buffer
+        fill (FAST / SAELens: a whole buffer, not one batch), and ``all_reduce`` (in-place sum across ranks) to take
+        the union of every rank's fill; called with neither, ``loss_and_metrics`` falls back to the first batch."""
         how = self.cfg.b_dec_init
+        reduce = all_reduce or (lambda t: t)
         if how == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(acts.to(self.sae.dtype), max_iter=self.cfg.gm_max_iter))
+            self.sae.b_dec.copy_(geometric_median(acts.to(self.sae.dtype), max_iter=self.cfg.gm_max_iter,
+                                                  all_reduce=all_reduce))
         elif how == "mean":
-            self.sae.b_dec.copy_(acts.reshape(-1, acts.shape[-1]).mean(0))
+            flat = acts.reshape(-1, acts.shape[-1]).double()
+            count = reduce(torch.tensor([float(flat.shape[0])], dtype=torch.float64, device=flat.device))
+            self.sae.b_dec.copy_(reduce(flat.sum(0)) / count)
         elif how != "none":
             raise ValueError(f"unknown b_dec_init {how!r}")
         self.b_dec_initialized = True
 
     def lr_at(self, step: int) -> float:
-        c = self.cfg
-        return fast_lr(step, lr=c.lr, total_steps=c.total_steps, warmup_steps=c.lr_warmup_steps, lr_end=c.lr_end,
-                       decay_steps=c.lr_decay_steps)
+        c, used = self.cfg, self.schedule
+        return fast_lr(step, lr=c.lr, total_steps=c.total_steps, warmup_steps=used["lr_warmup_steps"], lr_end=c.lr_end,
+                       decay_steps=used["lr_decay_steps"])
+
+    def sparsity_scale_at(self, step: int) -> float:
+        return sparsity_warmup(step, self.schedule["sparsity_warmup_steps"])
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_window_tokens
@@ -85,7 +97,7 @@ class SAETrainer:
         if not self.b_dec_initialized and self.cfg.b_dec_init != "none" and self.step_count == 0:
             self.init_b_dec(x)
         sae.train()
-        sae.set_sparsity_scale(sparsity_warmup(self.step_count, self.cfg.sparsity_warmup_steps))
+        sae.set_sparsity_scale(self.sparsity_scale_at(self.step_count))
         out = self.forward_module(x, dead_mask=self.dead_mask())
         out.loss.backward()
         with torch.no_grad():
@@ -120,7 +132,7 @@ class SAETrainer:
         sae.normalize_decoder_()
         self.update_dead(fired, n_tokens)
         self.step_count += 1
-        metrics.update(lr=lr, sparsity_scale=sparsity_warmup(self.step_count - 1, self.cfg.sparsity_warmup_steps),
+        metrics.update(lr=lr, sparsity_scale=self.sparsity_scale_at(self.step_count - 1),
                        dead_fraction=float(self.dead_mask().float().mean()))
         return metrics
 

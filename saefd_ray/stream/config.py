@@ -68,6 +68,8 @@ class SaeArchConfig(Strict):
     expansion: int = Field(8, ge=1)
     k: int | None = Field(None, ge=1, description="topk / batchtopk: active latents per token")
     sparsity_coefficient: float | None = Field(None, ge=0, description="λ; None: the architecture's default")
+    apply_b_dec_to_input: bool = Field(False, description="encode x − b_dec instead of x (SAELens's cfg key, written "
+                                       "with the SAE and honoured on load); FAST trains with False")
 
     @model_validator(mode="after")
     def _k(self) -> "SaeArchConfig":

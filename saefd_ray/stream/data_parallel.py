@@ -13,7 +13,7 @@ from torch import Tensor
 
 from saefd_ray.sae import SparseAutoencoder
 from saefd_ray.sae.trainer import TrainerConfig
-from saefd_ray.stream.shard_common import ShardedTrainerBase, all_gather_cat
+from saefd_ray.stream.shard_common import ShardedTrainerBase
 
 
 class DataParallelTrainer(ShardedTrainerBase):
@@ -22,11 +22,10 @@ class DataParallelTrainer(ShardedTrainerBase):
     def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig):
         super().__init__(full, full.cfg, cfg)
 
-    def step(self, local: Tensor) -> dict[str, float]:
+    def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
         inner, world = self.inner, self.world
         local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
-        if not inner.b_dec_initialized and inner.cfg.b_dec_init != "none" and inner.step_count == 0:
-            inner.init_b_dec(all_gather_cat(local))  # from the global batch, as the single-process trainer does
+        self._init_b_dec(local, fill)
         res = inner.loss_and_metrics(local)
         fired, n = res.fired, res.n_tokens
         metrics = dict(res.metrics)

@@ -69,11 +69,14 @@ def read_source_records(path: Path) -> list[dict]:
 
 
 class _TaskShim:
-    """What `load_task` needs from a run config: path resolution and the tasks' seed."""
+    """What `load_task` needs from a run config: path resolution, the tasks' seed and validation size (a run's
+    default, so an SAE harvested from a task's train split leaves out the instances the run validates on)."""
 
     def __init__(self, config) -> None:
+        from saefd_ray.config import ValidationConfig
+
         self._config = config
-        self.tasks = type("T", (), {"seed": config.data.seed})()
+        self.tasks = type("T", (), {"seed": config.data.seed, "validation": ValidationConfig()})()
 
     def data_path(self, relative: str) -> Path:
         return self._config.data_path(relative)

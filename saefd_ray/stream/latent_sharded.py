@@ -154,12 +154,11 @@ class LatentShardedTrainer(ShardedTrainerBase):
         super().__init__(slice_sae(full, rank, size), full.cfg, cfg)
         self.inner.forward_module = LatentShard(self.sae, full.cfg)
 
-    def step(self, local: Tensor) -> dict[str, float]:
+    def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
         inner = self.inner
         local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
         x = all_gather_cat(local)
-        if not inner.b_dec_initialized and inner.cfg.b_dec_init != "none" and inner.step_count == 0:
-            inner.init_b_dec(x)
+        self._init_b_dec(local, fill)
         res = inner.loss_and_metrics(x)
         metrics = dict(res.metrics)
         if self.world > 1 and self.sae.b_dec.grad is not None:

@@ -85,6 +85,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def describe_schedule(used: dict) -> str:
+    """One line: the schedule a run used, and the configured lengths when they were scaled to fit it."""
+    line = (f"schedule: {used['total_steps']} steps; LR warm-up {used['lr_warmup_steps']}, cosine, linear decay over "
+            f"the last {used['lr_decay_steps']}; sparsity warm-up {used['sparsity_warmup_steps']}")
+    if used["scaled"]:
+        c = used["configured"]
+        line += (f" (configured {c['lr_warmup_steps']} / {c['lr_decay_steps']} / {c['sparsity_warmup_steps']} do not "
+                 f"fit the run: scaled ×{used['factor']:.4g})")
+    return line
+
+
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     json_path = atomic_write_text(run_dir / "sae_report.json", json.dumps(report, indent=2, default=str))
     lines = [f"# SAE report: {report.get('run_name', run_dir.name)}", ""]
@@ -93,6 +104,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
               f"sharding {tr.get('sharding')} × {tr.get('workers')} workers",
               f"- trained on {tr.get('tokens', 0):,} tokens in {tr.get('steps')} steps "
               f"({_fmt(tr.get('tokens_per_s'))} tok/s){'; ran out of data' if tr.get('ran_out_of_data') else ''}",
+              *([f"- {describe_schedule(tr['schedule'])}"] if tr.get("schedule") else []),
               f"- activation source: {report.get('source')}; padding waste of the bucketed forwards "
               f"{100 * report.get('padding', {}).get('padding_waste', 0):.1f}% "
               f"(unsorted: {100 * report.get('padding', {}).get('unsorted_padding_waste', 0):.1f}%)",

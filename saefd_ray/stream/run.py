@@ -115,6 +115,14 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     return dict(result.metrics or {})
 
 
+def schedule_used(config: SaeTrainConfig) -> dict:
+    """The LR / sparsity schedule the trainer runs (FAST's lengths scaled to the run when they do not fit it)."""
+    from saefd_ray.sae.recipe import fit_schedule
+
+    t = config.training
+    return fit_schedule(t.tokens // t.batch_size, t.lr_warmup_steps, t.lr_decay_steps, t.sparsity_warmup_steps)
+
+
 def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.models.loading import load_tokenizer, resolve_model_path
     from saefd_ray.stream.harvest import load_instances
@@ -131,6 +139,9 @@ def train_sae(config: SaeTrainConfig) -> dict:
         if layer >= n_layers:
             raise ConfigError(f"layers: layer {layer} is out of range for a model with {n_layers} decoder layers")
     print(f"[sae] {len(train)} training instances, {len(held)} held out; model {model_path} (d={d_in})", flush=True)
+    from saefd_ray.stream.report import describe_schedule
+
+    print(f"[sae] {describe_schedule(schedule_used(config))}", flush=True)
     resume = latest_checkpoint(run_dir)
     progress = json.loads((resume / PROGRESS).read_text()) if resume else None
     fit_metrics: dict = {}
@@ -160,7 +171,8 @@ def train_sae(config: SaeTrainConfig) -> dict:
         "padding": padding,
         "training": {"tokens": progress["tokens"], "steps": progress["steps"], "workers": progress["world"],
                      "sharding": progress["sharding"], "ran_out_of_data": progress.get("ran_out_of_data"),
-                     "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last")},
+                     "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last"),
+                     "schedule": schedule_used(config)},
         "eval": evaluation,
     }
     write_report(run_dir, report)

@@ -80,9 +80,18 @@ class ShardedTrainerBase:
     def tokens_seen(self) -> int:
         return self.inner.tokens_seen
 
-    def step(self, local: Tensor) -> dict[str, float]:
-        """One optimizer step on this rank's local batch [batch_size / world, d_in]; returns global metrics."""
+    def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's local batch [batch_size / world, d_in]; returns global metrics.
+        `fill`, this rank's first mixing-buffer fill, initialises b_dec once (the union over ranks)."""
         raise NotImplementedError
+
+    def _init_b_dec(self, local: Tensor, fill: Tensor | None) -> None:
+        """b_dec from the union of every rank's first mixing-buffer fill (by all-reduced Weiszfeld sums), once."""
+        inner = self.inner
+        if inner.b_dec_initialized or inner.cfg.b_dec_init == "none" or inner.step_count != 0:
+            return
+        init = local if fill is None else fill.reshape(-1, self.sae.cfg.d_in).to(self.sae.device)
+        inner.init_b_dec(init, all_reduce=all_reduce_)
 
     def full_sae(self) -> SparseAutoencoder:
         """The whole SAE (a collective when the SAE is sharded)."""

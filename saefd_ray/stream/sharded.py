@@ -6,7 +6,7 @@ Data layout (both modes). Each worker reads its shard of the activation dataset 
 layer (seeded by rank and layer). At every step each worker takes one local batch of `batch_size / world` tokens per
 layer; the *global* batch is the concatenation of the workers' local batches in rank order. A single-process run
 whose batch t is that concatenation is the reference both modes match (`tests/test_stream_sharded.py`).
-b_dec is initialised from the first global batch (gathered), as the single-process trainer does.
+b_dec is initialised from the first mixing-buffer fill of every worker (their union, by all-reduced Weiszfeld sums).
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def train_loop_per_worker(loop: dict) -> None:
         if not int(ok):
             ran_out = True
             break
-        step_metrics = {layer: trainers[layer].step(batches[layer]) for layer in layers}
+        step_metrics = {layer: trainers[layer].step(batches[layer], buffers[layer].first_fill) for layer in layers}
+        for buffer in buffers.values():
+            buffer.first_fill = None  # read once (b_dec init): free it
         tr0 = trainers[layers[0]]
         if not all(math.isfinite(m["loss"]) for m in step_metrics.values()):
             from saefd_ray.errors import NonFiniteLossError
@@ -216,7 +218,7 @@ def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[in
 
     def make(layer: int) -> SAEConfig:
         return SAEConfig(a.architecture, d_in, a.width or a.expansion * d_in, k=a.k,
-                         sparsity_coefficient=a.sparsity_coefficient,
+                         sparsity_coefficient=a.sparsity_coefficient, apply_b_dec_to_input=a.apply_b_dec_to_input,
                          metadata={"model_name": model_name or config.model.name_or_path,
                                    "hook_name": f"model.layers.{layer}", "hook_layer": layer,
                                    "context_size": config.data.max_len, "prepend_bos": True})

@@ -1,7 +1,8 @@
 """The driver: train a task sequence with one Ray Train `TorchTrainer` per task, and build the R matrix.
 
 The driver holds no model. For each task it starts a trainer whose workers rebuild the model from the base
-weights and the previous task's checkpoint, train, score every task's test split and report a checkpoint.
+weights and the previous task's checkpoint, train, score every task's validation and test splits and report a
+checkpoint.
 Finished tasks live under `<run_dir>/tasks/<NN>-<name>/`, published by an atomic rename once complete, so
 re-running the same command resumes after the last finished task and a half-written folder is never read.
 """
@@ -155,8 +156,10 @@ def _user_error_inside(err: BaseException) -> UserError | None:
 def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None) -> dict:
     """Train every task in order (resuming after the last finished one) and write the report.
 
-    `on_task_end(index, rows)`, if given, is called after every stage (also one finished earlier and only loaded)
-    with the 0-based stage index and the R-matrix rows so far (base row first); Tune trials report from it.
+    Every stage scores each task's validation and test splits. `on_task_end(index, rows)`, if given, is called after
+    every stage (also one finished earlier and only loaded) with the 0-based stage index and the **validation**
+    R-matrix rows so far (base row first): Tune trials report from it, so nothing is ever chosen on test.
+    results.json holds both matrices: `r_matrix` (test, the report) and `r_matrix_validation`.
     """
     from saefd_ray.eval.report import print_r_matrix, write_report
     from saefd_ray.eval.summary import summarize
@@ -174,7 +177,8 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
 
     names = [t.name for t in tasks]
     stages = [0] if method.joint_training else list(range(len(tasks)))
-    rows: list[list[float]] = []
+    rows: list[list[float]] = []  # test: the report
+    rows_validation: list[list[float]] = []  # validation: what selection reads
     timings: dict[str, float] = {}
     state_in: Path | None = None
     for index in stages:
@@ -192,10 +196,12 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         metrics = json.loads((folder / ROW_FILE).read_text())
         if index == 0:
             rows.append(metrics["base_row"])
+            rows_validation.append(metrics["base_row_validation"])
         rows.append(metrics["row"])
+        rows_validation.append(metrics["row_validation"])
         state_in = folder
         if on_task_end is not None:
-            on_task_end(index, [list(row) for row in rows])
+            on_task_end(index, [list(row) for row in rows_validation])
 
     results = {
         "method": config.method.name,
@@ -203,6 +209,9 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         "tasks": names,
         "r_matrix": rows,
         "summary": summarize(rows, names),
+        "r_matrix_validation": rows_validation,
+        "summary_validation": summarize(rows_validation, names),
+        "validation": {t.name: {"source": t.validation_source, "size": len(t.validation)} for t in tasks},
         "timings": {"total_s": round(time.time() - started, 2), **timings},
         "config": config.model_dump(mode="json"),
     }

@@ -1,8 +1,8 @@
-"""The Ray Train worker loop: train one task with DeepSpeed ZeRO + LoRA, then score the R-matrix row.
+"""The Ray Train worker loop: train one task with DeepSpeed ZeRO + LoRA, then score the R-matrix rows.
 
 One call trains one task of the sequence. It rebuilds the model from the base weights plus the previous
 task's checkpoint (so any worker, on any node, can run any task), asks the method for its extra loss every
-step, and ends by writing the task checkpoint — adapter, method state, the R row — through
+step, and ends by writing the task checkpoint — adapter, method state, the validation and test R rows — through
 `ray.train.report`. Mid-task checkpoints (every `training.checkpoint_every` steps) let Ray restart a killed
 worker group from the last one instead of from the task's start.
 """
@@ -30,6 +30,7 @@ from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, t
 ROW_FILE = "row.json"
 NONFINITE_FILE = "NONFINITE.txt"  # a marker checkpoint: the driver raises its message and publishes nothing
 PROGRESS_FILE = "progress.pt"
+SPLITS = ("validation", "test")  # every stage scores both: validation chooses, test reports
 
 
 def seed_everything(seed: int) -> None:
@@ -84,15 +85,15 @@ def train_task(loop: dict) -> None:
         encode(tokenizer, e, config.training.max_prompt_len, config.training.max_answer_len)
         for e in ctx.train_examples
     ]
-    epochs = config.training.epochs_per_task.get(tasks[task_index].name, config.training.epochs)
+    epochs = method.epochs(task_index, tasks)
     steps_per_epoch = len(shard_batches(encoded, config.training.batch_size, rank, world, 0))
     if steps_per_epoch == 0:
         raise ValueError(f"task {tasks[task_index].name!r}: too few examples for batch size and {world} workers")
     engine = create_engine(model, config, max(1, epochs * steps_per_epoch // config.training.grad_accum))
 
-    base_row = None
+    base_rows = dict.fromkeys(SPLITS)
     if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
-        base_row = score_row(engine.module, tokenizer, tasks, config, device)
+        base_rows = {split: score_row(engine.module, tokenizer, tasks, config, device, split) for split in SPLITS}
 
     start_epoch, start_step = _restore(engine, method)
     restored = (start_epoch, start_step) != (0, 0)
@@ -131,11 +132,14 @@ def train_task(loop: dict) -> None:
                 print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f}")
 
     method.after_task(engine.module, ctx)
-    row = method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device), base_row, ctx)
+    rows = {split: method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, split),
+                                     base_rows[split], ctx, split) for split in SPLITS}
     adapter = trainable_state(engine.module, config.distributed.zero_stage)
     metrics = {
-        "row": row,
-        "base_row": base_row,
+        "row": rows["test"],  # the report's R matrix
+        "base_row": base_rows["test"],
+        "row_validation": rows["validation"],  # the R matrix that Tune and any selection read
+        "base_row_validation": base_rows["validation"],
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
         "first_loss": float(losses[0]) if losses else None,
         "epoch_losses": epoch_losses,  # rank 0's mean task loss per epoch (this process's steps, after a resume)

@@ -7,7 +7,8 @@
 - `aa_vs_params.png`: AA against ρ, anchor size and β (whichever were swept; otherwise every numeric parameter).
 
 Ranking: completed trials by AA, ties broken by BWT (exact comparison, not the 1e-4 blend Tune optimises), then
-the unfinished ones by running AA.
+the unfinished ones by running AA. Every AA, BWT, FWT and running AA here is on the validation splits (what the
+trials report); test scores are in each trial's own results.json and choose nothing.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def write_table(rows: list[dict[str, Any]], columns: list[str], folder: Path) ->
         for row in rows:
             writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
     shown = [c for c in columns if c != "run_dir"]
-    lines = ["| rank | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
+    lines = ["AA, BWT, FWT and running AA on the validation splits (test scores: each run's results.json).", "",
+             "| rank | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
     lines += [f"| {i} | " + " | ".join(_fmt(row[c]) for c in shown) + " |" for i, row in enumerate(rows, 1)]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -106,7 +108,8 @@ def write_best(raw: dict, row: dict[str, Any], params: list[str], sweep_name: st
 
     values = ", ".join(f"{k}={row[k]!r}" for k in params)
     bwt = "n/a" if row["bwt"] is None else f"{row['bwt']:.4f}"
-    header = (f"# Best trial of the sweep {sweep_name!r}: {row['trial_id']} ({values}); AA {row['aa']:.4f}, BWT {bwt}.\n"
+    header = (f"# Best trial of the sweep {sweep_name!r}: {row['trial_id']} ({values}); validation AA {row['aa']:.4f}, "
+              f"BWT {bwt}.\n"
               f"# Run it: python jobs/run_sequence.py --config {folder / 'best.yaml'}\n")
     path = folder / "best.yaml"
     path.write_text(header + dump_yaml(raw))

@@ -21,6 +21,10 @@ head node of cluster.yaml offers, which keeps drivers off spot GPU nodes); how m
 `max_concurrent_trials`, by default as many as the cluster's CPUs / GPUs fit whole Train worker groups (plus their
 driver bundles) at the start.
 
+Validation chooses, test reports: everything a trial reports — so Tune's objective, ASHA's pruning and `best.yaml`
+— comes from the validation R matrix (`on_task_end` rows and `r_matrix_validation` of run_sequence); the test
+matrix stays in each trial's results.json for the report and never reaches Tune.
+
 A trial reports after every task (`on_task_end` of run_sequence; the last report only once run_sequence has
 written the run's report files, since ASHA ends a trial the moment it reports at `max_t`): `running_aa` = mean of R[t][:t], the scores of
 the t tasks trained so far after task t (all T columns for a joint-training method's single stage), and
@@ -277,8 +281,13 @@ def concurrency(sweep: SweepConfig, run_raw: dict, available: dict[str, float]) 
 # ---------------------------------------------------------------------------------------------- the trial
 
 
+def selection_rows(results: dict) -> list[list[float]]:
+    """The R matrix a finished trial is judged on: validation, never test (`r_matrix`)."""
+    return results["r_matrix_validation"]
+
+
 def trial_metrics(rows: list[list[float]], names: list[str], index: int, final: bool) -> dict[str, Any]:
-    """What a trial reports after stage `index` (0-based) given the R rows so far (base row first)."""
+    """What a trial reports after stage `index` (0-based) given the validation R rows so far (base row first)."""
     from saefd_ray.eval.summary import summarize
 
     last = rows[-1]
@@ -318,7 +327,7 @@ def run_trial(params: dict[str, Any], base_raw: dict, runs_root: str) -> None:
             report(index, rows)                     # stops a trial at max_t as soon as it reports
 
     results = run_sequence(config, on_task_end=after_task)
-    report(0 if joint else len(names) - 1, results["r_matrix"], final=True)
+    report(0 if joint else len(names) - 1, selection_rows(results), final=True)
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
