@@ -133,3 +133,16 @@ def test_encode_masks_the_prompt(tiny_model_path):
     batch = collate([encoded, encode(tokenizer, Example("b", "south"), 64, 4)], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"][0].sum()) == len(encoded.input_ids)
+
+
+def test_split_with_only_empty_references_is_refused(tmp_path):
+    """TRACE's Lima/test.json has an empty answer in every record: nothing to score, refused naming the file."""
+    folder = tmp_path / "Lima"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps([{"prompt": "p", "answer": "a"}]))
+    (folder / "test.json").write_text(json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": "\n"}]))
+    config = run_config(tmp_path, {"name": "lima", "format": "trace", "path": "Lima"})
+    with pytest.raises(DataError, match=f"{folder / 'test.json'}: every record's 'answer' is empty"):
+        load_task(config.tasks.sequence[0], config)
+    (folder / "test.json").write_text(json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": "b"}]))
+    assert [e.answer for e in load_task(config.tasks.sequence[0], config).test] == ["", "b"]  # one empty is kept
