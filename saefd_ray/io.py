@@ -55,8 +55,11 @@ def tree_digest(path: str | os.PathLike, full_hash_below: int = 64 << 20) -> str
     would go unnoticed there. Hidden files (temp files of atomic writes) are skipped.
     """
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     h = hashlib.sha256()
     for file in files:
         size = file.stat().st_size

@@ -32,8 +32,8 @@ def check_run(config: RunConfig, tasks: list[Task], model_path: str, tokenizer, 
 # ------------------------------------------------------------------------------------------ LoRA
 
 
-def module_names(model_path: str) -> list[str]:
-    """Names of every module of the model, built from its config on the meta device (no weights loaded)."""
+def module_names(model_path: str) -> tuple[list[str], object]:
+    """(names of every module, the model) built from its config on the meta device (no weights loaded)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -157,8 +157,10 @@ def check_sae_run(config, instances: list[dict], tokenizer, d_in: int) -> None:
         if config.distributed.sharding == "latent" and cfg.d_sae % world:
             raise ConfigError(f"sae.width: {cfg.d_sae} latents are not divisible by distributed.num_workers "
                               f"({world}) for sharding 'latent'")
-    first: dict[str, dict] = {}
+    first: dict[str, tuple[int, dict]] = {}  # the first record of every source (lowest record index)
     for instance in instances:
-        first.setdefault(instance["origin"].rsplit(" record ", 1)[0], instance)
-    for instance in first.values():
+        label, index = instance["origin"].rsplit(" record ", 1)
+        if label not in first or int(index) < first[label][0]:
+            first[label] = (int(index), instance)
+    for _, instance in first.values():
         render_checked(tokenizer, json.loads(instance["messages"]), config.data.max_len, instance["origin"])

@@ -27,6 +27,18 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def untrained_model_path(cache_dir) -> str:
+    """The workspace's tiny model without pre-training: these checks read its config and tokenizer only."""
+    from saefd_ray.config import TinyModelConfig
+    from saefd_ray.data.synthetic import corpus_text
+    from saefd_ray.models.tiny import build_tiny_model
+
+    cfg = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                          pretrain_epochs=0)
+    return str(build_tiny_model(cfg, corpus_text(), cache_dir))
+
+
 @pytest.fixture
 def workspace(tmp_path, cache_dir):
     """A data folder with valid CL-benchmark and TRACE-style tasks that each case then breaks one way."""
@@ -43,7 +55,7 @@ def workspace(tmp_path, cache_dir):
         (trace / f"{split}.json").write_text(json.dumps([{"prompt": "2+2=", "answer": "4"}]))
     base = [f"tasks.data_root={tmp_path / 'data'}", f"output.root={tmp_path / 'runs'}", f"model.cache_dir={cache_dir}",
             "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
-            "model.tiny.num_heads=2", "model.tiny.vocab_size=512"]
+            "model.tiny.num_heads=2", "model.tiny.vocab_size=512", "model.tiny.pretrain_epochs=0"]
     return tmp_path, base
 
 
@@ -97,9 +109,11 @@ CASES = [
      "task 't' has 3 training examples, too few for micro-batches of 8 on 2 workers"),
     ("elastic workers checked at their maximum", {"T/train.json": json.dumps([{"prompt": "p", "answer": "a"}] * 9)},
      [TRACE_TASK, "training.batch_size=4", "distributed.num_workers=[1, 3]"], "too few for micro-batches of 4 on 3"),
-    ("options identical after truncation", {}, [CL_TASK, "training.max_answer_len=1"],
+    ("options identical after truncation", {},
+     [CL_TASK, "training.max_answer_len=1", "training.batch_size=1", "distributed.num_workers=1"],
      "options 'World' and 'Sports' become the same 1 tokens"),
-    ("all references empty", {"T/test.json": json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": " "}])},
+    ("all references empty",
+     {"T/test.json": json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": " "}])},
      [TRACE_TASK], "test.json: every record's 'answer' is empty"),
 ]
 
@@ -123,11 +137,11 @@ def test_malformed_yaml_file(tmp_path, capsys):
     assert f"{path}:" in run_main(["--config", str(path)], capsys)
 
 
-def test_tokenizer_without_chat_template_when_required(workspace, tiny_model_path, tmp_path, capsys):
+def test_tokenizer_without_chat_template_when_required(workspace, untrained_model_path, tmp_path, capsys):
     import shutil
 
     plain = tmp_path / "plain-model"
-    shutil.copytree(tiny_model_path, plain)
+    shutil.copytree(untrained_model_path, plain)
     config = json.loads((plain / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
@@ -177,7 +191,7 @@ def test_finished_run_with_edited_data_is_not_reported_as_finished(workspace, ca
     from saefd_ray.config import load_config
 
     root, base = workspace
-    overrides = base + [TRACE_TASK]
+    overrides = base + [TRACE_TASK, "training.batch_size=1", "distributed.num_workers=1"]
     config = load_config(None, overrides)
     run_dir = _finished_run(config, _inputs(config))
     before = _tree_digest(run_dir)
@@ -263,11 +277,11 @@ NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exce
              "{% endif %}")
 
 
-def test_chat_template_that_fails_is_refused_on_the_driver(workspace, tiny_model_path, tmp_path, capsys):
+def test_chat_template_that_fails_is_refused_on_the_driver(workspace, untrained_model_path, tmp_path, capsys):
     root, base = workspace
-    model = _custom_template(tiny_model_path, tmp_path / "templated", SYSTEM_FIRST)
+    model = _custom_template(untrained_model_path, tmp_path / "templated", SYSTEM_FIRST)
     err = run_main(sum([["--set", s] for s in base + [f"model.name_or_path={model}"]], []), capsys)
-    assert "task 'a' train record 0: cannot be rendered" in err and "must start with a system message" in err
+    assert "task 'rule_a' train record 0: cannot be rendered" in err and "must start with a system message" in err
     assert not (root / "runs").exists()
 
 
@@ -337,7 +351,8 @@ def sae_workspace(tmp_path, cache_dir):
                       "    - {kind: task, task: {name: rule_a, format: synthetic, generator: rule_a}}\n")
     base = [f"data.data_root={data}", f"output.root={tmp_path / 'runs'}", f"model.cache_dir={cache_dir}",
             "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
-            "model.tiny.num_heads=2", "model.tiny.vocab_size=512", "data.eval_instances=2"]
+            "model.tiny.num_heads=2", "model.tiny.vocab_size=512", "model.tiny.pretrain_epochs=0",
+            "data.eval_instances=2"]
     return tmp_path, ["--config", str(config)] + sum([["--set", s] for s in base], [])
 
 
@@ -354,26 +369,26 @@ def test_sae_job_config_refused_in_one_line(sae_workspace, capsys, overrides, ex
     assert not (root / "runs").exists()
 
 
-def test_sae_job_chat_template_rejecting_system_role(sae_workspace, tiny_model_path, capsys):
+def test_sae_job_chat_template_rejecting_system_role(sae_workspace, untrained_model_path, capsys):
     """Gemma-style template: the first record with a system turn is named on the driver, before Ray starts."""
     root, argv = sae_workspace
     chats = json.loads((root / "data" / "chats.json").read_text())
     chats[0]["messages"].insert(0, {"role": "system", "content": "be brief"})
     (root / "data" / "chats.json").write_text(json.dumps(chats))
-    model = _custom_template(tiny_model_path, root / "gemma-like", NO_SYSTEM)
+    model = _custom_template(untrained_model_path, root / "gemma-like", NO_SYSTEM)
     err = run_main(argv + ["--set", f"model.name_or_path={model}"], capsys, sae_job.main)
     assert f"source chats.json record 0: cannot be rendered" in err and "System role not supported" in err, err
     assert not (root / "runs").exists()
 
 
-def test_harvester_names_a_later_bad_record(tiny_model_path, tmp_path):
+def test_harvester_names_a_later_bad_record(untrained_model_path, tmp_path):
     """A record past the driver's sample fails inside the harvesting actor with its source and index."""
     import numpy as np
 
     from saefd_ray.errors import DataError
     from saefd_ray.stream.harvest import Harvester
 
-    model = _custom_template(tiny_model_path, tmp_path / "gemma-like", NO_SYSTEM)
+    model = _custom_template(untrained_model_path, tmp_path / "gemma-like", NO_SYSTEM)
     harvester = Harvester(str(model), [1], max_len=64, max_batch_tokens=512)
     good = [{"role": "user", "content": "hi"}]
     bad = [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,16 @@ def _loop(cfg: dict) -> None:
     if cfg["mode"] == "user_error":
         raise DataError("data.json: record 7 has no field 'answer'")
     if cfg["mode"] == "die_once" and attempts.read_text() == "x":
+        folder = Path(tempfile.mkdtemp())
+        (folder / "position.txt").write_text("step 3")
+        ray.train.report({"step": 3}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         os.kill(os.getpid(), signal.SIGKILL)  # a lost worker, as an OOM kill or a preempted node
-    ray.train.report({"attempts": len(attempts.read_text())})
+    checkpoint = ray.train.get_checkpoint()
+    restored = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = (Path(folder) / "position.txt").read_text()
+    ray.train.report({"attempts": len(attempts.read_text()), "restored": restored})
 
 
 def _trainer(tmp_path: Path, mode: str):
@@ -58,6 +67,7 @@ def test_user_error_in_a_worker_is_raised_on_the_driver_unretried(ray_cluster, t
 def test_lost_worker_is_retried(ray_cluster, tmp_path):
     result = fit_with_retries(_trainer(tmp_path, "die_once"), max_failures=1, what="test")
     assert result.metrics["attempts"] == 2 and (tmp_path / "attempts").read_text() == "xx"
+    assert result.metrics["restored"] == "step 3"  # the retry starts from the checkpoint reported before the kill
 
 
 def test_lost_worker_beyond_max_failures_is_raised(ray_cluster, tmp_path):

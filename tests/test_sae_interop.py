@@ -118,7 +118,7 @@ def test_sparsify_run_folder_picks_the_layer(tmp_path):
         assert sae_folder(source, "method.sae") == run / f"layers.{layer}"
         assert read_sae_header(source, "method.sae") == (D_IN, layer)
         torch.testing.assert_close(load_source(source, "method.sae").W_dec, sae.W_dec)
-    with pytest.raises(Exception, match="no residual-stream hookpoint folder for layer 4 \\(has: layers.3, layers.6\\)"):
+    with pytest.raises(Exception, match=r"no residual-stream hookpoint folder for layer 4 \(has: layers.3, layers.6\)"):
         sae_folder(SaeSource(path=str(run), layer=4), "method.sae")
 
 

@@ -55,7 +55,7 @@ def prepare_run_dir(config: SaeTrainConfig, inputs: dict[str, str] | None = None
     if path.is_file():
         saved = json.loads(path.read_text())
         changed = [] if saved.get("fingerprint") == fp else ["config"]
-        old = saved.get("inputs") or {}
+        old = saved.get("inputs", inputs)  # folders from before inputs were recorded: config only
         changed += [key for key in sorted(set(inputs) | set(old)) if inputs.get(key) != old.get(key)]
         if changed and latest_checkpoint(run_dir) is not None:
             raise CheckpointError(f"{run_dir}: holds an SAE run with a different {' / '.join(changed)}; "

@@ -63,7 +63,7 @@ def prepare_run_dir(config: RunConfig, inputs: dict[str, str] | None = None) -> 
     if saved.exists():
         previous = json.loads(saved.read_text())
         changed = [] if previous.get("fingerprint") == fingerprint(config) else ["config"]
-        old_inputs = previous.get("inputs") or {}
+        old_inputs = previous.get("inputs", inputs)  # folders from before inputs were recorded: config only
         changed += [key for key in sorted(set(inputs) | set(old_inputs)) if inputs.get(key) != old_inputs.get(key)]
         if changed and finished_tasks(run_dir):
             raise CheckpointError(
