@@ -45,3 +45,30 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def tree_digest(path: str | os.PathLike, full_hash_below: int = 64 << 20) -> str:
+    """Hex SHA-256 over a file or folder: every file's relative name, size and content hash.
+
+    Files above `full_hash_below` bytes (model weights) are hashed by their first and last MiB plus their size,
+    so fingerprinting a multi-GB checkpoint stays cheap; an in-place edit that keeps the size and both ends
+    would go unnoticed there. Hidden files (temp files of atomic writes) are skipped.
+    """
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    h = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root) if file != root else file.name}\0{size}\0".encode())
+        if size <= full_hash_below:
+            h.update(bytes.fromhex(sha256_file(file)))
+        else:
+            with open(file, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(size - (1 << 20))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()

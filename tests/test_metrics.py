@@ -95,3 +95,31 @@ def test_registry_covers_all_metrics_on_0_100_scale():
     assert set(METRICS) == {"accuracy", "first_letter", "options", "rouge_l", "edit_sim", "sari"}
     for name in METRICS:
         assert score(name, ["same text"], ["same text"], ["same text"]) == pytest.approx(100.0)
+
+
+def test_rouge_l_on_chinese_and_hindi():
+    # identical non-Latin strings are a perfect match (rouge-score's default tokenizer gave 0.0)
+    assert score("rouge_l", ["我喜欢猫", "हिन्दी भाषा सुंदर है"], ["我喜欢猫", "हिन्दी भाषा सुंदर है"]) == 100.0
+    # Chinese per character: "我喜欢狗" vs "我喜欢猫": LCS 3 of 4 chars, P=R=3/4, F=3/4
+    assert score("rouge_l", ["我喜欢狗"], ["我喜欢猫"]) == pytest.approx(75.0)
+    # Hindi per word, vowel signs kept inside words: "हिन्दी भाषा" vs "हिन्दी भाषा सुंदर है": LCS 2, P=1, R=2/4,
+    # F=2·1·0.5/1.5=2/3 (a tokenizer splitting at the signs ि ा ु would count other units)
+    assert score("rouge_l", ["हिन्दी भाषा"], ["हिन्दी भाषा सुंदर है"]) == pytest.approx(200 / 3)
+    # German umlauts stay in the word: "Grüße aus Zürich" vs "grüße aus Bern": LCS 2 of 3, F=2/3
+    assert score("rouge_l", ["Grüße aus Zürich"], ["grüße aus Bern"]) == pytest.approx(200 / 3)
+
+
+def test_rouge_l_english_matches_rouge_score_default():
+    from rouge_score import rouge_scorer
+
+    pairs = [("The cat, sat on 3 mats!", "a cat sat on mats"), ("Budget approved 5-2.", "the budget was approved")]
+    default = rouge_scorer.RougeScorer(["rougeL"])
+    expected = 100 * sum(default.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs)
+    assert score("rouge_l", [p for p, _ in pairs], [r for _, r in pairs]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "options", "first_letter", "rouge_l", "edit_sim"])
+def test_empty_reference_scores_zero_whatever_the_prediction(metric):
+    # an empty prediction must not earn 100 for an empty reference; the non-empty pair scores 100 -> mean 50
+    assert score(metric, ["", "A"], ["", "A"]) == pytest.approx(50.0)
+    assert score(metric, [" "], ["  "]) == 0.0

@@ -199,3 +199,16 @@ def test_cl_benchmark_and_json_validation_files(tmp_path):
     assert [e.prompt for e in task.validation] == ["valid0", "valid1", "valid2"] and len(task.train) == 40
     carved = load_task(run_config(tmp_path, spec).tasks.sequence[0], run_config(tmp_path, spec))
     assert carved.validation_source == "carve-out of train" and len(carved.train) == 40 - 32
+
+
+def test_split_with_only_empty_references_is_refused(tmp_path):
+    """TRACE's Lima/test.json has an empty answer in every record: nothing to score, refused naming the file."""
+    folder = tmp_path / "Lima"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps([{"prompt": "p", "answer": "a"}]))
+    (folder / "test.json").write_text(json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": "\n"}]))
+    config = run_config(tmp_path, {"name": "lima", "format": "trace", "path": "Lima"})
+    with pytest.raises(DataError, match=f"{folder / 'test.json'}: every record's 'answer' is empty"):
+        load_task(config.tasks.sequence[0], config)
+    (folder / "test.json").write_text(json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": "b"}]))
+    assert [e.answer for e in load_task(config.tasks.sequence[0], config).test] == ["", "b"]  # one empty is kept

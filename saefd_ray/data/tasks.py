@@ -81,6 +81,8 @@ def pairs(path: Path, prompt_field: str, answer_field: str) -> list[Example]:
             if key not in record:
                 raise DataError(f"{path}: record {index} has no field {key!r}")
         examples.append(Example(str(record[prompt_field]), str(record[answer_field])))
+    if not any(e.answer.strip() for e in examples):  # e.g. TRACE's Lima/test.json: nothing to train on or score
+        raise DataError(f"{path}: every record's {answer_field!r} is empty; nothing to train on or score")
     return examples
 
 

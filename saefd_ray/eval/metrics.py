@@ -7,8 +7,15 @@ Choices (documented because they move numbers):
 - `accuracy` / `options`: exact match after `" ".join(s.split())` and `casefold()` — labels like "World" vs
   "world " are the same answer; TRACE compares case-sensitively after strip, we are slightly more lenient.
 - `first_letter` (ScienceQA): first non-space character, casefolded; an empty prediction is wrong.
-- `rouge_l`: `rouge-score` ROUGE-L F-measure, no stemming (as HF `evaluate`'s default). Its tokenizer keeps only
-  [a-z0-9] tokens, fine for MeetingBank (English).
+- `rouge_l`: `rouge-score` ROUGE-L F-measure (its LCS), no stemming, with our `UnicodeTokenizer` instead of its
+  default one, which keeps only [a-z0-9] and scores identical Chinese or Hindi strings 0: text is casefolded, every
+  CJK ideograph / kana is one token (as Chinese ROUGE is computed per character), and any other run of Unicode
+  letters, combining marks and digits (Unicode classes L, M, N: Devanagari vowel signs stay inside their word)
+  is one token; punctuation is dropped. On English it gives rouge-score's default tokens.
+- Empty references: a split whose references are all empty is refused by the loaders (`data/tasks.pairs`). A single
+  empty (or whitespace-only) reference scores 0 in every metric, whatever the prediction: there is nothing to match,
+  and an empty prediction must not earn 100 for saying nothing (rouge-score and TRACE's edit similarity already
+  score such a pair 0; `accuracy` and `first_letter` follow them).
 - `edit_sim` (Py150): TRACE's post-processing — `<NUM_LIT>`→"0", `<STR_LIT>`/`<CHAR_LIT>`→"", `<X_LIT:v>`→v — then
   `rapidfuzz.fuzz.ratio`. As in TRACE, a pair where either side is empty scores 0 (TRACE skips it but still divides
   by the total count).
@@ -21,6 +28,7 @@ import re
 from collections import Counter
 from typing import Protocol, Sequence
 
+import regex
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
@@ -49,7 +57,7 @@ def accuracy(
 ) -> float:
     """Exact match after whitespace normalisation and casefolding, in percent."""
     _check(predictions, references, "accuracy")
-    hits = sum(_norm(p) == _norm(str(r)) for p, r in zip(predictions, references))
+    hits = sum(bool(_norm(str(r))) and _norm(p) == _norm(str(r)) for p, r in zip(predictions, references))
     return 100.0 * hits / len(predictions)
 
 
@@ -65,7 +73,17 @@ def first_letter(
     return 100.0 * hits / len(predictions)
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+_CJK_OR_WORD = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]|[\p{L}\p{M}\p{N}]+")
+
+
+class UnicodeTokenizer:
+    """ROUGE tokens on any script (see the module docstring); the `tokenize(text)` interface rouge-score takes."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _CJK_OR_WORD.findall(text.casefold())
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=UnicodeTokenizer())
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Reference], sources: Sequence[str] | None = None) -> float:
@@ -92,7 +110,7 @@ def edit_sim(
     total = 0.0
     for p, r in zip(predictions, references):
         p, r = trace_code_postprocess(p), trace_code_postprocess(str(r))
-        if p and r:
+        if p and r.strip():  # an empty (or whitespace-only) reference scores 0
             total += fuzz.ratio(p, r)
     return total / len(predictions)
 

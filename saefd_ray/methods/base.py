@@ -75,6 +75,14 @@ class Method:
         training = self.config.training
         return training.epochs_per_task.get(tasks[task_index].name, training.epochs)
 
+    def sae_folders(self) -> list[Path]:
+        """The SAE folders this method reads (their files are part of what a resume compares)."""
+        if not hasattr(self.cfg, "sae"):
+            return []
+        from saefd_ray.methods.sae_source import sae_folder, sae_sources
+
+        return [sae_folder(source, "method.sae") for source in sae_sources(self.cfg)]
+
     # ---------------------------------------------------------------- worker side
     def prepare_model(self, model: nn.Module, ctx: TaskContext) -> nn.Module:
         """LoRA-wrap the base model; continue from the previous task's adapter unless told otherwise."""

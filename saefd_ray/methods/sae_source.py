@@ -25,36 +25,74 @@ from saefd_ray.sae import SparseAutoencoder
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 _LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)")
+# The one site the code applies an SAE at: the residual stream after decoder layer L (`models.loading.
+# residual_stream`), named by SAELens/TransformerLens `blocks.L.hook_resid_post` or by the HF module path (sparsify).
+_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post|(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)")
 
 
 def sae_folder(source: SaeSource, where: str) -> Path:
+    """The folder holding the SAE for `source.layer`. `source.path` may be an SAE folder (SAELens or sparsify),
+    a sparsify run folder with one sub-folder per hookpoint (`layers.3/`, `layers.6/`: the one of the layer, as
+    sparsify's own multi-layer loading picks it), or a `jobs/train_sae.py` run folder (its latest checkpoint,
+    `checkpoints/tok_<n>/layer_<L>/`)."""
     if not source.path:
         raise ConfigError(f"{where}.path: not set; train an SAE with jobs/train_sae.py or give a SAELens/sparsify folder")
     folder = Path(source.path).expanduser()
-    if not (folder / "cfg.json").is_file():
-        raise ConfigError(f"{where}.path: {folder} is not an SAE folder (no cfg.json)")
-    return folder
+    if not folder.is_dir():
+        raise ConfigError(f"{where}.path: {folder} not found")
+    if (folder / "cfg.json").is_file():
+        return folder
+    pointer = folder / "checkpoints" / "latest.json"
+    if pointer.is_file():  # a jobs/train_sae.py run folder (stream/sharded.py writes this layout)
+        checkpoint = folder / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+        found = sorted(p.name for p in checkpoint.glob("layer_*") if (p / "cfg.json").is_file())
+        if not (checkpoint / f"layer_{source.layer}" / "cfg.json").is_file():
+            raise ConfigError(f"{where}.layer: {checkpoint} has no SAE for layer {source.layer} "
+                              f"(has: {', '.join(found) or 'none'})")
+        return checkpoint / f"layer_{source.layer}"
+    hookpoints = sorted(p.name for p in folder.iterdir() if (p / "cfg.json").is_file())
+    if hookpoints:  # a sparsify run folder: one sub-folder per hookpoint
+        for name in hookpoints:
+            match = _RESID_POST.fullmatch(name)
+            if match and int(match.group(1) or match.group(2)) == source.layer:
+                return folder / name
+        raise ConfigError(f"{where}.layer: {folder} has no residual-stream hookpoint folder for layer "
+                          f"{source.layer} (has: {', '.join(hookpoints)})")
+    raise ConfigError(f"{where}.path: {folder} is not an SAE folder (no cfg.json), a sparsify run folder or a "
+                      f"jobs/train_sae.py run folder")
+
+
+def hook_layer(hook: str, fallback: int | None, where: str, folder: Path) -> int | None:
+    """The decoder layer of a residual-stream-post hook name; any other site is refused (it would be applied
+    to activations it was not trained on). No hook name at all: `fallback` (a bare layer number) or unknown."""
+    if not hook:
+        return fallback
+    match = _RESID_POST.fullmatch(hook)
+    if match:
+        return int(match.group(1) or match.group(2))
+    raise ConfigError(f"{where}.path: {folder} reads hook {hook!r}; only the residual stream after a decoder "
+                      f"layer is supported (blocks.L.hook_resid_post, layers.L)")
 
 
 def read_sae_header(source: SaeSource, where: str) -> tuple[int, int | None]:
     """(d_in, layer named by the SAE's own metadata or None) — from cfg.json only, cheap enough for the driver."""
     folder = sae_folder(source, where)
     cfg = json.loads((folder / "cfg.json").read_text())
+    d_in = cfg.get("d_in")
     if (folder / SPARSIFY_WEIGHTS).is_file() and not (folder / SAELENS_WEIGHTS).is_file():
-        d_in = cfg.get("d_in")
-        hook = folder.name
+        hook = folder.name if _LAYER.search(folder.name) else ""  # sparsify names a hookpoint's folder after it
+        layer = hook_layer(hook, None, where, folder)
     else:
-        d_in = cfg.get("d_in")
         meta = cfg.get("metadata") or {}
-        hook = meta.get("hook_name") or cfg.get("hook_name") or ""
-        if "layer" in meta:
-            hook = f"layers.{meta['layer']}"
-        elif "hook_layer" in cfg:
-            hook = f"layers.{cfg['hook_layer']}"
+        hook = str(meta.get("hook_name") or cfg.get("hook_name") or "")
+        if meta.get("hook_head_index") is not None or cfg.get("hook_head_index") is not None:
+            raise ConfigError(f"{where}.path: {folder} reads one attention head (hook_head_index); only the "
+                              f"residual stream after a decoder layer is supported")
+        fallback = meta.get("layer", meta.get("hook_layer", cfg.get("hook_layer")))
+        layer = hook_layer(hook, fallback if isinstance(fallback, int) else None, where, folder)
     if not isinstance(d_in, int):
         raise ConfigError(f"{where}.path: {folder}/cfg.json has no integer d_in")
-    match = _LAYER.search(str(hook))
-    return d_in, int(match.group(1)) if match else None
+    return d_in, layer
 
 
 def model_dims(model_path: str) -> tuple[int, int]:

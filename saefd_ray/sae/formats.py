@@ -34,6 +34,7 @@ CFG = "cfg.json"
 OUR_CFG = "saefd_cfg.json"
 TRAINER_STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
+SAELENS_LAYOUT_VERSION = "6.54.12"  # the SAELens release whose cfg.json layout save_saelens writes (tested against)
 
 
 class SAEFormatError(UserError):
@@ -118,7 +119,11 @@ def save_saelens(sae: SparseAutoencoder, folder: str | os.PathLike, sparsity: to
     if arch == "batchtopk":  # SAELens convention: inference form is JumpReLU with the threshold broadcast
         w["threshold"] = _cpu(sae.threshold.expand(c.d_sae).clamp_min(0))
         arch = "jumprelu"
-    meta = {"model_name": None, "hook_name": None, "context_size": None, "prepend_bos": None, **c.metadata}
+    # metadata.sae_lens_version marks the v6 layout: without it SAELens (6.x) reads the cfg as pre-6 and looks for
+    # model_name / hook_name / context_size at the top level, so they would load as None.
+    meta = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None, "model_name": None,
+            "hook_name": None, "hook_head_index": None, "context_size": None, "prepend_bos": None,
+            "dataset_path": None, "model_from_pretrained_kwargs": {}, **c.metadata}
     cfg = {"architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "device": "cpu",
            "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
@@ -137,7 +142,7 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     folder = Path(folder)
     cpath, wpath = folder / CFG, folder / SAELENS_WEIGHTS
     raw = _read_json(cpath)
-    arch = raw.get("architecture", "standard")
+    arch = _legacy_activation(cpath, raw, raw.get("architecture", "standard"))
     if arch not in ("standard", "gated", "jumprelu", "topk"):
         raise SAEFormatError(f"{cpath}: unsupported architecture {arch!r} (standard, gated, jumprelu, topk)")
     d_in, d_sae = _cfg_int(cpath, raw, "d_in"), _cfg_int(cpath, raw, "d_sae")
@@ -151,8 +156,14 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
                   apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
                   dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
                   metadata=raw.get("metadata") or {})
+    rescale = bool(raw.get("rescale_acts_by_decoder_norm", False))
+    if rescale and arch != "topk":
+        raise SAEFormatError(f"{cpath}: rescale_acts_by_decoder_norm=true is only supported for topk, not {arch!r}")
     if arch == "topk":
-        fields["k"] = _cfg_int(cpath, raw, "k")
+        legacy_k = (raw.get("activation_fn_kwargs") or {}).get("k")
+        fields["k"] = legacy_k if "k" not in raw and isinstance(legacy_k, int) else _cfg_int(cpath, raw, "k")
+        if rescale:  # folded into the weights below; the decoder rows then are not unit norm
+            fields["normalize_decoder"] = False
     try:
         cfg = SAEConfig.from_dict(fields)
     except (ValueError, TypeError, AttributeError) as e:
@@ -163,6 +174,8 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     if arch == "jumprelu":
         shapes["threshold"] = (d_sae,)
     _check(wpath, t, shapes)
+    if rescale:
+        _fold_decoder_norm(wpath, t)
     sae = build_sae(cfg)
     with torch.no_grad():
         sae.W_enc.copy_(t["W_enc"].t())
@@ -177,6 +190,33 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
                 t["threshold"] = t["threshold"].clamp_min(torch.finfo(t["threshold"].dtype).tiny)
             sae.log_threshold.copy_(t["threshold"].log())
     return sae.to(device)
+
+
+def _legacy_activation(path: Path, raw: dict[str, Any], arch: str) -> str:
+    """Pre-6 SAELens cfgs name TopK as ``architecture: standard`` + ``activation_fn_str: topk`` +
+    ``activation_fn_kwargs: {k: ...}``; read that as TopK. Any activation other than relu / topk is refused
+    (loading it as a ReLU SAE would give other codes)."""
+    act = raw.get("activation_fn_str", raw.get("activation_fn"))
+    if act in (None, "relu") or arch not in ("standard", "topk"):
+        return arch
+    if act == "topk":
+        if not isinstance((raw.get("activation_fn_kwargs") or {}).get("k"), int) and "k" not in raw:
+            raise SAEFormatError(f"{path}: activation_fn_str 'topk' needs activation_fn_kwargs.k (an integer)")
+        return "topk"
+    raise SAEFormatError(f"{path}: activation_fn_str {act!r} is not supported (relu, topk)")
+
+
+def _fold_decoder_norm(path: Path, t: dict[str, torch.Tensor]) -> None:
+    """SAELens TopK with ``rescale_acts_by_decoder_norm``: ``f = TopK(ReLU((x−b_dec)W_enc + b_enc) · ‖W_dec,i‖)``,
+    ``x̂ = (f / ‖W_dec,i‖) W_dec + b_dec``. Scaling latent i's encoder column and bias by n_i = ‖W_dec,i‖ (n_i > 0
+    keeps ReLU and the top-k choice) and its decoder row by 1/n_i gives a plain TopK SAE with the same codes and
+    reconstructions."""
+    norms = t["W_dec"].norm(dim=-1)
+    if bool((norms <= 0).any()):
+        raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm with a zero decoder row cannot be loaded")
+    t["W_enc"] = t["W_enc"] * norms
+    t["b_enc"] = t["b_enc"] * norms
+    t["W_dec"] = t["W_dec"] / norms[:, None]
 
 
 # ---- sparsify ---------------------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class SaeArchConfig(Strict):
     def _k(self) -> "SaeArchConfig":
         if self.architecture in ("topk", "batchtopk") and self.k is None:
             raise ValueError(f"architecture {self.architecture!r} needs 'k'")
+        if self.k is not None and self.width is not None and self.k > self.width:
+            raise ValueError(f"k ({self.k}) must be <= width ({self.width}), the number of latents")
         return self
 
 
@@ -136,6 +138,9 @@ class SaeTrainConfig(Strict):
         if t.buffer_tokens < 2 * (t.batch_size // d.num_workers):
             raise ValueError(f"training.buffer_tokens ({t.buffer_tokens}) must be >= 2 × the per-worker batch "
                              f"({t.batch_size // d.num_workers})")
+        if d.sharding == "latent" and self.sae.width is not None and self.sae.width % d.num_workers:
+            raise ValueError(f"sae.width ({self.sae.width}) must be divisible by distributed.num_workers "
+                             f"({d.num_workers}) for sharding 'latent'")
         if d.sharding == "latent" and self.sae.architecture == "batchtopk":
             raise ValueError("distributed.sharding 'latent' does not support batchtopk (its threshold is a "
                              "batch-wide top-k over all latents); use topk or data sharding")

@@ -82,8 +82,17 @@ class _TaskShim:
         return self._config.data_path(relative)
 
 
+def source_label(source) -> str:
+    return f"source {source.path}" if source.kind != "task" else f"source task {source.task.name!r}"
+
+
 def source_messages(config, source) -> list[list[dict]]:
     """All instances of one source, as message lists, in file order (subsampled if `max_instances`)."""
+    return [messages for _, messages in source_records(config, source)]
+
+
+def source_records(config, source) -> list[tuple[int, list[dict]]]:
+    """(record index in the source, messages) of every instance of one source (subsampled if `max_instances`)."""
     if source.kind == "file":
         path = config.data_path(source.path)
         records = read_source_records(path)
@@ -105,24 +114,38 @@ def source_messages(config, source) -> list[list[dict]]:
             raise DataError(f"source {source.path!r}: cannot load ({str(err).splitlines()[0]})") from None
         out = [to_messages(dict(r), source.prompt_field, source.answer_field, source.messages_field,
                            f"{source.path}: record {i}") for i, r in enumerate(ds)]
+    indices = list(range(len(out)))
     if source.max_instances and source.max_instances < len(out):
         rng = random.Random(f"{config.data.seed}:{source.path or source.task.name}")
-        out = [out[i] for i in sorted(rng.sample(range(len(out)), source.max_instances))]
-    return out
+        indices = sorted(rng.sample(indices, source.max_instances))
+    return [(i, out[i]) for i in indices]
 
 
 def load_instances(config) -> tuple[list[dict], list[dict]]:
     """(train, eval) instances: every source, one seeded shuffle, the first `eval_instances` held out.
 
-    Each instance is `{"instance_id": int, "messages": json}`; ids are positions in the shuffled list, stable for a
-    given config, so a resumed run and the activation cache can name instances.
+    Each instance is `{"instance_id": int, "messages": json, "origin": "<source> record <i>"}`; ids are positions
+    in the shuffled list, stable for a given config, so a resumed run and the activation cache can name instances;
+    `origin` names the record in error messages.
     """
-    messages = [m for source in config.data.sources for m in source_messages(config, source)]
-    order = list(range(len(messages)))
+    items = [(messages, f"{source_label(source)} record {index}") for source in config.data.sources
+             for index, messages in source_records(config, source)]
+    order = list(range(len(items)))
     random.Random(f"saefd-sae-instances:{config.data.seed}").shuffle(order)
-    instances = [{"instance_id": i, "messages": json.dumps(messages[j])} for i, j in enumerate(order)]
+    instances = [{"instance_id": i, "messages": json.dumps(items[j][0]), "origin": items[j][1]}
+                 for i, j in enumerate(order)]
     n_eval = min(config.data.eval_instances, max(0, len(instances) - 1))
     return instances[n_eval:], instances[:n_eval]
+
+
+def render_checked(tokenizer, messages: list[dict], max_len: int, origin: str) -> list[int]:
+    """`render`, with a template or tokenizer failure turned into a DataError naming the record."""
+    try:
+        return render(tokenizer, messages, max_len)
+    except Exception as err:  # noqa: BLE001 - jinja2 TemplateError (e.g. a role the template rejects), ...
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{origin}: cannot be rendered with the model's chat template ({type(err).__name__}: "
+                        f"{text})") from None
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -248,11 +271,13 @@ class Harvester:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.real_tokens = self.padded_tokens = 0
 
-    def render_window(self, messages_json) -> list[list[int]]:
-        return [render(self.tokenizer, json.loads(m), self.max_len) for m in messages_json]
+    def render_window(self, messages_json, origins=None) -> list[list[int]]:
+        origins = origins if origins is not None else [f"instance {i}" for i in range(len(messages_json))]
+        return [render_checked(self.tokenizer, json.loads(m), self.max_len, str(o))
+                for m, o in zip(messages_json, origins)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = self.render_window(batch["messages"])
+        ids = self.render_window(batch["messages"], batch.get("origin"))
         instance_ids = [int(i) for i in batch["instance_id"]]
         lengths = [len(x) for x in ids]
         plan = plan_batches(lengths, self.max_batch_tokens, self.max_padding)

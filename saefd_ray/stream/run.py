@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from saefd_ray.errors import CheckpointError
-from saefd_ray.io import atomic_write_text
+from saefd_ray.io import atomic_write_text, tree_digest
 from saefd_ray.stream.config import SaeTrainConfig
 
 CONFIG_FILE = "sae_config.json"
@@ -33,17 +34,38 @@ def fingerprint(config: SaeTrainConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_run_dir(config: SaeTrainConfig) -> Path:
+def input_digests(instances: list[dict], model_path: str) -> dict[str, str]:
+    """What defines the SAE besides the config: the instance texts and the model files (`io.tree_digest`)."""
+    data = hashlib.sha256()
+    for instance in instances:
+        data.update(f"{instance['instance_id']}\0{instance['messages']}\0".encode())
+    model = tree_digest(model_path) if Path(model_path).expanduser().exists() else model_path
+    return {"data": data.hexdigest(), "model": model}
+
+
+def prepare_run_dir(config: SaeTrainConfig, inputs: dict[str, str] | None = None) -> Path:
+    """Claim the run folder. One holding a checkpoint is protected against another config or other inputs; one
+    without (a start that failed before the first checkpoint) is taken over, its Ray Train state removed."""
+    from saefd_ray.stream.sharded import CKPT_DIR, latest_checkpoint
+
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
-    fp = fingerprint(config)
+    fp, inputs = fingerprint(config), inputs or {}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != fp:
-            raise CheckpointError(f"{run_dir}: holds an SAE run with a different model/data/SAE config; "
+        changed = [] if saved.get("fingerprint") == fp else ["config"]
+        old = saved.get("inputs", inputs)  # folders from before inputs were recorded: config only
+        changed += [key for key in sorted(set(inputs) | set(old)) if inputs.get(key) != old.get(key)]
+        if changed and latest_checkpoint(run_dir) is not None:
+            raise CheckpointError(f"{run_dir}: holds an SAE run with a different {' / '.join(changed)}; "
                                   f"use another output.run_name or delete the folder")
-    atomic_write_text(path, json.dumps({"fingerprint": fp, "config": config.model_dump(mode="json")}, indent=1))
+        if changed:
+            print(f"[sae] {run_dir}: no checkpoint yet; starting it over with the new {', '.join(changed)}", flush=True)
+            shutil.rmtree(run_dir / "ray", ignore_errors=True)
+            shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+    atomic_write_text(path, json.dumps({"fingerprint": fp, "inputs": inputs,
+                                        "config": config.model_dump(mode="json")}, indent=1))
     return run_dir
 
 
@@ -96,6 +118,7 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     from ray.train.torch import TorchTrainer
 
     from saefd_ray.stream.sharded import train_loop_per_worker
+    from saefd_ray.train.failures import fit_with_retries
 
     d = config.distributed
     data_config = (DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
@@ -111,7 +134,7 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
         dataset_config=data_config,
         run_config=RunConfig(name=f"{config.output.run_name}-sae", storage_path=str(run_dir / "ray")),
     )
-    result = trainer.fit()
+    result = fit_with_retries(lambda: trainer, 0, "SAE training")  # a UserError in a worker: one line, exit 2
     return dict(result.metrics or {})
 
 
@@ -131,13 +154,17 @@ def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.stream.checkpoint import PROGRESS, latest_checkpoint
     from saefd_ray.errors import ConfigError
 
-    run_dir = prepare_run_dir(config)
-    train, held = load_instances(config)
+    from saefd_ray.preflight import check_sae_run
+
+    train, held = load_instances(config)  # every input is checked before anything is written or Ray starts
     model_path = resolve_model_path(config.model, tokenizer_texts(config))
     d_in, n_layers = model_dims(model_path)
     for layer in config.layers:
         if layer >= n_layers:
             raise ConfigError(f"layers: layer {layer} is out of range for a model with {n_layers} decoder layers")
+    tokenizer = load_tokenizer(model_path, config.model.require_chat_template)
+    check_sae_run(config, train + held, tokenizer, d_in)
+    run_dir = prepare_run_dir(config, input_digests(train + held, model_path))
     print(f"[sae] {len(train)} training instances, {len(held)} held out; model {model_path} (d={d_in})", flush=True)
     from saefd_ray.stream.report import describe_schedule
 
@@ -161,7 +188,6 @@ def train_sae(config: SaeTrainConfig) -> dict:
         fit_metrics.update(source=source, skipped_instances=len(skip))
         resume = latest_checkpoint(run_dir)
         progress = json.loads((resume / PROGRESS).read_text())
-    tokenizer = load_tokenizer(model_path)
     padding = window_padding(tokenizer, train, config)
     evaluation = evaluate_checkpoint(resume, model_path, held, config.layers, config.data.max_len,
                                      config.model.dtype, config.data.max_batch_tokens)

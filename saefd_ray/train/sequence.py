@@ -19,10 +19,11 @@ from typing import Callable
 
 from saefd_ray.config import RunConfig
 from saefd_ray.data.tasks import Task, load_tasks
-from saefd_ray.errors import CheckpointError, NonFiniteLossError, UserError
-from saefd_ray.io import atomic_write_text, sha256_file
+from saefd_ray.errors import CheckpointError, NonFiniteLossError
+from saefd_ray.io import atomic_write_text, sha256_file, tree_digest
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
+from saefd_ray.train.failures import fit_with_retries
 from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
 
 CONFIG_FILE = "config.json"
@@ -35,19 +36,54 @@ def fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
+def input_digests(tasks: list[Task], model_path: str, sae_folders: list[Path]) -> dict[str, str]:
+    """What defines the results besides the config: the loaded examples (so an edited data file counts), the
+    model files and the SAE files (`io.tree_digest`). A hub id not on disk is compared by name."""
+    data = hashlib.sha256()
+    for task in tasks:
+        data.update(json.dumps([task.name, task.metric, task.options, [[e.prompt, e.answer] for e in task.train],
+                                [[e.prompt, e.answer] for e in task.test]]).encode())
+    digests = {"data": data.hexdigest()}
+    digests["model"] = tree_digest(model_path) if Path(model_path).expanduser().exists() else model_path
+    for index, folder in enumerate(sae_folders):
+        digests[f"sae.{index}" if len(sae_folders) > 1 else "sae"] = tree_digest(folder)
+    return digests
+
+
+def prepare_run_dir(config: RunConfig, inputs: dict[str, str] | None = None) -> Path:
+    """Claim the run folder for this config and these inputs.
+
+    A folder holding a finished task is protected: a different config or different inputs (data, model, SAE) are
+    refused, so old results are never reported for new inputs. A folder with no finished task holds nothing to
+    protect (a start that failed early): it is taken over, its Ray Train state (mid-task checkpoints of the old
+    config) removed.
+    """
     run_dir = config.run_dir
     saved = run_dir / CONFIG_FILE
+    inputs = inputs or {}
     if saved.exists():
-        previous = json.loads(saved.read_text()).get("fingerprint")
-        if previous != fingerprint(config):
+        previous = json.loads(saved.read_text())
+        changed = [] if previous.get("fingerprint") == fingerprint(config) else ["config"]
+        old_inputs = previous.get("inputs", inputs)  # folders from before inputs were recorded: config only
+        changed += [key for key in sorted(set(inputs) | set(old_inputs)) if inputs.get(key) != old_inputs.get(key)]
+        if changed and finished_tasks(run_dir):
             raise CheckpointError(
-                f"{run_dir}: written by a different config; refusing to resume. Start fresh with "
-                f"--set output.run_name=<new name>, or delete {run_dir}"
+                f"{run_dir}: written by a different {' / '.join(changed)} (changed: {', '.join(changed)}); refusing "
+                f"to resume. Start fresh with --set output.run_name=<new name>, or delete {run_dir}"
             )
+        if changed:
+            print(f"{run_dir}: no finished task; starting it over with the new {', '.join(changed)}")
+            shutil.rmtree(run_dir / "ray", ignore_errors=True)
+            shutil.rmtree(run_dir / "tasks", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, json.dumps({"fingerprint": fingerprint(config), "config": config.model_dump(mode="json")}))
+    atomic_write_text(saved, json.dumps({"fingerprint": fingerprint(config), "inputs": inputs,
+                                         "config": config.model_dump(mode="json")}))
     return run_dir
+
+
+def finished_tasks(run_dir: Path) -> list[Path]:
+    folder = run_dir / "tasks"
+    return [t for t in sorted(folder.iterdir()) if is_complete(t)] if folder.is_dir() else []
 
 
 def task_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -102,55 +138,40 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
 
     dist = config.distributed
     workers = dist.num_workers if isinstance(dist.num_workers, int) else tuple(dist.num_workers)
-    trainer = TorchTrainer(
-        train_task,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "task_index": index,
-            "tasks": tasks,
-            "model_path": model_path,
-            "state_in": str(state_in) if state_in else None,
-            "train_examples": examples,
-            "score_base": score_base,
-            # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of the
-            # rank: the worker on that node): SIGKILL that worker once.
-            "kill_at": [int(x) if x.isdigit() else x for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
-            if os.environ.get("SAEFD_KILL_WORKER_AT") else None,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
-        ),
-        run_config=RayRunConfig(
-            name=f"{config.output.run_name}-task{index + 1:02d}",
-            storage_path=str(config.run_dir / "ray"),
-            failure_config=FailureConfig(max_failures=dist.max_failures),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # a user error raised inside a worker comes back wrapped by Ray: unwrap it
-        raise _user_error_inside(err) or err
+
+    def make_trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_task,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "task_index": index,
+                "tasks": tasks,
+                "model_path": model_path,
+                "state_in": str(state_in) if state_in else None,
+                "train_examples": examples,
+                "score_base": score_base,
+                # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of
+                # the rank: the worker on that node): SIGKILL that worker once.
+                "kill_at": [int(x) if x.isdigit() else x for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
+                if os.environ.get("SAEFD_KILL_WORKER_AT") else None,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
+            ),
+            run_config=RayRunConfig(
+                name=f"{config.output.run_name}-task{index + 1:02d}",
+                storage_path=str(config.run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=0),  # retries: train/failures.py (lost workers only)
+            ),
+        )
+
+    result = fit_with_retries(make_trainer, dist.max_failures, f"task {tasks[index].name!r}")
     if result.checkpoint is None:
         raise RuntimeError(f"task {tasks[index].name!r}: training finished without a checkpoint")
     marker = Path(result.checkpoint.path) / NONFINITE_FILE
     if marker.exists():
         raise NonFiniteLossError(marker.read_text())
     return Path(result.checkpoint.path)
-
-
-def _user_error_inside(err: BaseException) -> UserError | None:
-    """The first UserError among a Ray Train failure's worker errors and their causes."""
-    stack = [err, *getattr(err, "worker_failures", {}).values()]
-    seen = set()
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, UserError):
-            return current
-        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return None
 
 
 def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None) -> dict:
@@ -165,14 +186,16 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     from saefd_ray.eval.summary import summarize
 
     from saefd_ray.models.loading import load_tokenizer
+    from saefd_ray.preflight import check_run
 
     started = time.time()
     tasks = load_tasks(config)  # every input is checked before anything is written or any worker starts
     method = build_method(config)
     model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
-    load_tokenizer(model_path, config.model.require_chat_template)
+    tokenizer = load_tokenizer(model_path, config.model.require_chat_template)
     method.validate(model_path)  # e.g. an SAE that does not fit the model fails here, before any training
-    run_dir = prepare_run_dir(config)
+    check_run(config, tasks, model_path, tokenizer, method.joint_training)  # what every worker would build
+    run_dir = prepare_run_dir(config, input_digests(tasks, model_path, method.sae_folders()))
     init_ray(config.distributed.ray_address)
 
     names = [t.name for t in tasks]
