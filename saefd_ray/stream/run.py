@@ -153,14 +153,16 @@ def train_sae(config: SaeTrainConfig) -> dict:
     tokenizer = load_tokenizer(model_path)
     padding = window_padding(tokenizer, train, config)
     evaluation = evaluate_checkpoint(resume, model_path, held, config.layers, config.data.max_len,
-                                     config.model.dtype, config.data.max_batch_tokens)
+                                     config.model.dtype, config.data.max_batch_tokens, config.data.sink_norm_ratio)
     report = {
         "run_name": config.output.run_name, "model": model_path, "layers": config.layers,
         "architecture": config.sae.architecture, "checkpoint": str(resume), "source": fit_metrics.get("source"),
         "padding": padding,
         "training": {"tokens": progress["tokens"], "steps": progress["steps"], "workers": progress["world"],
                      "sharding": progress["sharding"], "ran_out_of_data": progress.get("ran_out_of_data"),
-                     "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last")},
+                     "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last"),
+                     "sink_tokens": fit_metrics.get("sink_tokens"), "activation_scale": fit_metrics.get("activation_scale"),
+                     "normalize_activations": config.sae.normalize_activations},
         "eval": evaluation,
     }
     write_report(run_dir, report)

@@ -41,6 +41,8 @@ from torch import Tensor, nn
 from saefd_ray.sae import SAEConfig, SparseAutoencoder, build_sae
 from saefd_ray.sae.base import ForwardOutput, mse_loss
 from saefd_ray.sae.buffer import MixingBuffer
+from saefd_ray.sae.normalize import estimate_scale, fold_scale, read_scaler, unfold_scale_, write_scaler
+from saefd_ray.sae.sinks import METADATA_KEY as SINK_KEY
 from saefd_ray.sae.trainer import SAETrainer, TrainerConfig
 
 LATENT_PARAMS = ("W_enc", "W_dec", "b_enc", "b_gate", "r_mag", "b_mag", "log_threshold")
@@ -229,8 +231,10 @@ def trainer_config(training, total_steps: int) -> TrainerConfig:
 class ShardedTrainer:
     """One SAE trained across the process group (or alone when world = 1), on top of `SAETrainer`'s two halves."""
 
-    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig, sharding: str = "data"):
+    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig, sharding: str = "data",
+                 normalize_activations: str = "none"):
         self.rank, self.world = _world()
+        self.normalize, self.scale = normalize_activations, None  # sae/normalize.py: s, fixed at the first step
         self.sharding, self.full_cfg = sharding, full.cfg
         self.clip = cfg.grad_clip
         if sharding == "latent":
@@ -253,6 +257,10 @@ class ShardedTrainer:
     def step(self, local: Tensor) -> dict[str, float]:
         inner, world = self.inner, self.world
         local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
+        if self.normalize != "none":
+            if self.scale is None:  # one s for every worker: estimated on the global first batch
+                self.scale = estimate_scale(all_gather_cat(local))
+            local = local * self.scale
         x = all_gather_cat(local) if self.sharding == "latent" else local
         if not inner.b_dec_initialized and inner.cfg.b_dec_init != "none" and inner.step_count == 0:
             inner.init_b_dec(x if self.sharding == "latent" else all_gather_cat(local))
@@ -313,10 +321,12 @@ class ShardedTrainer:
         return gather_full(self.sae, self.full_cfg) if self.sharding == "latent" else self.sae
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.inner.state_dict(), "sharding": self.sharding, "world": self.world, "rank": self.rank}
+        return {**self.inner.state_dict(), "sharding": self.sharding, "world": self.world, "rank": self.rank,
+                "activation_scale": self.scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+        self.scale = state.get("activation_scale")
 
 
 # ------------------------------------------------------------------------------------------- the data side
@@ -332,6 +342,7 @@ class LayerFeeder:
         self.queues: dict[int, deque] = {layer: deque() for layer in layers}
         self.exhausted = False
         self.on_batch = on_batch
+        self.sinks_dropped = 0  # attention-sink rows (is_sink) kept out of training
 
     def _pull(self) -> None:
         try:
@@ -342,6 +353,11 @@ class LayerFeeder:
         if self.on_batch is not None:
             self.on_batch(batch)
         acts, layer_col = batch["activation"], batch["layer"]
+        sink = batch.get("is_sink")
+        if sink is not None and bool(sink.any()):
+            keep = ~sink.bool()
+            self.sinks_dropped += int((~keep).sum())
+            acts, layer_col = acts[keep], layer_col[keep]
         if len(self.layers) == 1:
             self.queues[self.layers[0]].append(acts.float())
             return
@@ -403,7 +419,8 @@ def train_loop_per_worker(loop: dict) -> None:
     trainers: dict[int, ShardedTrainer] = {}
     for layer in layers:
         full = build_sae(full_cfg(layer), seed=t.seed + layer)
-        trainers[layer] = ShardedTrainer(full, trainer_config(t, total_steps), d.sharding)
+        trainers[layer] = ShardedTrainer(full, trainer_config(t, total_steps), d.sharding,
+                                         config.sae.normalize_activations)
     consumed = np.zeros(int(loop["n_instances"]), dtype=bool)
     if loop.get("resume"):
         load_checkpoint(Path(loop["resume"]), trainers, consumed, rank, world, d.sharding)
@@ -461,7 +478,9 @@ def train_loop_per_worker(loop: dict) -> None:
                                        history else None, final=True, ran_out=ran_out)
     if rank == 0:
         _write_history(run_dir, history, loop.get("resume") is not None)
-    metrics = {"steps": tr0.step_count, "tokens": tr0.tokens_seen, "elapsed_s": elapsed,
+    sinks = int(all_reduce_(torch.tensor(feeder.sinks_dropped, dtype=torch.int64)))
+    metrics = {"steps": tr0.step_count, "tokens": tr0.tokens_seen, "elapsed_s": elapsed, "sink_tokens": sinks,
+               "activation_scale": {str(layer): tr.scale for layer, tr in trainers.items()},
                "tokens_per_s": (tr0.tokens_seen - tokens_at_start) / max(elapsed, 1e-9),
                "steady_tokens_per_s": _steady_rate(first_step, tr0.tokens_seen),
                "ran_out_of_data": ran_out, "checkpoint": str(path),
@@ -493,7 +512,8 @@ def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[in
                          sparsity_coefficient=a.sparsity_coefficient,
                          metadata={"model_name": model_name or config.model.name_or_path,
                                    "hook_name": f"model.layers.{layer}", "hook_layer": layer,
-                                   "context_size": config.data.max_len, "prepend_bos": True})
+                                   "context_size": config.data.max_len, "prepend_bos": True,
+                                   SINK_KEY: config.data.sink_norm_ratio})
     return make
 
 
@@ -535,7 +555,9 @@ def save_distributed_checkpoint(run_dir: Path, trainers: dict[int, ShardedTraine
         folder = staging / f"layer_{layer}"
         if rank == 0:
             sparsity = None
-            save_saelens(fulls[layer], folder, sparsity)
+            save_saelens(fold_scale(fulls[layer], tr.scale) if tr.scale else fulls[layer], folder, sparsity)
+            if tr.scale:
+                write_scaler(folder, tr.scale)
         if tr.sharding == "latent":
             save_trainer_state(tr.state_dict(), folder / f"rank{rank}")
         elif rank == 0:
@@ -575,6 +597,9 @@ def load_checkpoint(path: Path, trainers: dict[int, ShardedTrainer], consumed: n
     for layer, tr in trainers.items():
         folder = path / f"layer_{layer}"
         full = load_saelens(folder)
+        scale = read_scaler(folder)
+        if scale:  # saved folded (reads raw activations); training continues on scaled ones
+            unfold_scale_(full, scale)
         part = slice_sae(full, rank, world) if tr.sharding == "latent" else full
         with torch.no_grad():
             for name, p in tr.sae.named_parameters():
