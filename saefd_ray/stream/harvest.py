@@ -140,6 +140,15 @@ def render(tokenizer, messages: list[dict], max_len: int) -> list[int]:
     return list(ids[:max_len])
 
 
+def render_instance(tokenizer, messages_json: str, max_len: int) -> list[int]:
+    """An instance's `messages` field: a chat (rendered), or `{"input_ids": [...]}` — an already tokenized block
+    (the block-training baselines of bench/fast_vs_bt.py), taken as is up to `max_len`."""
+    obj = json.loads(messages_json)
+    if isinstance(obj, dict) and "input_ids" in obj:
+        return [int(t) for t in obj["input_ids"][:max_len]]
+    return render(tokenizer, obj, max_len)
+
+
 def plan_batches(lengths: list[int], max_batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
     """Forward batches (lists of indices into `lengths`) for one window: sorted by length, then cut greedily so
     that each batch's padded size stays within `max_batch_tokens` and its padding share within `max_padding`.
@@ -253,7 +262,7 @@ class Harvester:
         self.sink_ratio = sink_ratio
 
     def render_window(self, messages_json) -> list[list[int]]:
-        return [render(self.tokenizer, json.loads(m), self.max_len) for m in messages_json]
+        return [render_instance(self.tokenizer, m, self.max_len) for m in messages_json]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = self.render_window(batch["messages"])
