@@ -129,3 +129,25 @@ def test_sae_carries_its_sink_rule():
     cfg = SAEConfig("standard", D, 2 * D, metadata={"sink_norm_ratio": 20.0})
     assert sae_sink_ratio(build_sae(cfg)) == 20.0
     assert sae_sink_ratio(build_sae(SAEConfig("standard", D, 2 * D))) is None
+
+
+def test_anchor_codes_are_zero_at_sinks(tiny_model_path):
+    """SAE-FD anchors use the SAE's own sink rule: no FD target at a sink, the ordinary code everywhere else."""
+    from saefd_ray.methods.anchors import token_codes
+    from saefd_ray.models.loading import load_model, load_tokenizer, residual_stream
+    from saefd_ray.stream.harvest import render
+
+    model, tok = load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
+    d = model.config.hidden_size
+    plain = build_sae(SAEConfig("standard", d, 2 * d), seed=0)
+    ruled = build_sae(SAEConfig("standard", d, 2 * d, metadata={"sink_norm_ratio": 1.05}), seed=0)
+    seqs = [torch.tensor(render(tok, [{"role": "user", "content": t}, {"role": "assistant", "content": "north"}], 64))
+            for t in ("rule a: kalo mitu", "rule b: x")]
+    with torch.no_grad():
+        got = token_codes(model, ruled, 1, seqs, tok.pad_token_id, "cpu", batch_size=2)
+        ref = token_codes(model, plain, 1, seqs, tok.pad_token_id, "cpu", batch_size=2)
+        for seq, g, r in zip(seqs, got, ref):
+            sinks = sink_mask(residual_stream(model, seq[None], None, [1])[1][0], None, 1.05)
+            assert sinks.any() and not sinks.all()
+            assert (g[sinks] == 0).all()
+            torch.testing.assert_close(g[~sinks], r[~sinks])

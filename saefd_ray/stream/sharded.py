@@ -513,7 +513,7 @@ def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[in
                          metadata={"model_name": model_name or config.model.name_or_path,
                                    "hook_name": f"model.layers.{layer}", "hook_layer": layer,
                                    "context_size": config.data.max_len, "prepend_bos": True,
-                                   SINK_KEY: config.data.sink_norm_ratio})
+                                   **({SINK_KEY: ratio} if (ratio := config.data.sink_norm_ratio) else {})})
     return make
 
 
