@@ -40,7 +40,8 @@ class TinyModelConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name_or_path: str = Field("tiny", description='HF hub id, local folder, or "tiny" to build the offline model')
+    name_or_path: str = Field("tiny", description='HF hub id, local folder, a .gguf file, "tiny" (the offline '
+                              'model) or a named real model ("smollm2-135m-instruct", see models/registry.py)')
     tiny: TinyModelConfig = TinyModelConfig()
     cache_dir: str = Field("~/.cache/saefd_ray", description="where the tiny model and other builds are cached")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

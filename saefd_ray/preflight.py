@@ -163,4 +163,4 @@ def check_sae_run(config, instances: list[dict], tokenizer, d_in: int) -> None:
         if label not in first or int(index) < first[label][0]:
             first[label] = (int(index), instance)
     for _, instance in first.values():
-        render_checked(tokenizer, json.loads(instance["messages"]), config.data.max_len, instance["origin"])
+        render_checked(tokenizer, instance["messages"], config.data.max_len, instance["origin"])

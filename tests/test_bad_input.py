@@ -403,7 +403,7 @@ def test_sae_failed_start_does_not_block_and_checkpointed_run_is_protected(tmp_p
     from saefd_ray.errors import CheckpointError
     from saefd_ray.stream.config import validate_sae
     from saefd_ray.stream.run import prepare_run_dir
-    from saefd_ray.stream.sharded import CKPT_DIR, LATEST, PROGRESS
+    from saefd_ray.stream.checkpoint import CKPT_DIR, LATEST, PROGRESS
 
     raw = {"data": {"sources": [{"kind": "file", "path": "x.json"}]}, "output": {"root": str(tmp_path)}}
     first = validate_sae({**raw, "sae": {"architecture": "topk", "k": 512, "width": 1024}})

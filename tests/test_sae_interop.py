@@ -124,7 +124,7 @@ def test_sparsify_run_folder_picks_the_layer(tmp_path):
 
 def test_train_sae_run_folder_is_accepted(tmp_path):
     """`jobs/train_sae.py` writes checkpoints/tok_<n>/layer_<L>/ and latest.json: the latest checkpoint's layer."""
-    from saefd_ray.stream.sharded import CKPT_DIR, LATEST
+    from saefd_ray.stream.checkpoint import CKPT_DIR, LATEST
 
     run = tmp_path / "sae_run"
     old, new = _topk_sae(1), _topk_sae(2)

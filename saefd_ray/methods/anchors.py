@@ -94,13 +94,20 @@ def pad_batch(sequences: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def token_codes(model, sae: SparseAutoencoder, layer: int, sequences: list[Tensor], pad_id: int, device,
                 batch_size: int) -> list[Tensor]:
-    """Dense codes [len_i, d_sae] per sequence, through the model truncated after `layer` (no later layers, no head)."""
+    """Dense codes [len_i, d_sae] per sequence, through the model truncated after `layer` (no later layers, no head).
+    Attention sinks (the SAE's own rule, sae/sinks.py) get all-zero codes: no FD term is ever computed there."""
+    from saefd_ray.sae.sinks import sae_sink_ratio, sink_mask
+
+    ratio = sae_sink_ratio(sae)
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         ids, mask = pad_batch(chunk, pad_id)
         hidden = residual_stream(model, ids.to(device), mask.to(device), [layer])[layer]
-        flat = sae.encode(hidden[mask.to(device).bool()].to(sae.dtype))
+        real = mask.to(device).bool()
+        flat = sae.encode(hidden[real].to(sae.dtype))
+        if ratio:
+            flat = flat * ~sink_mask(hidden, real, ratio)[real].unsqueeze(-1)
         out += list(flat.split([len(s) for s in chunk]))
     return out
 

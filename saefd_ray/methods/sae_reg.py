@@ -41,6 +41,7 @@ from saefd_ray.methods.anchors import pad_batch
 from saefd_ray.methods.base import Method, OutputCapture, TaskContext, dropout_off
 from saefd_ray.methods.sae_source import codes, load_sae, sae_sources, validate_sources
 from saefd_ray.models.loading import check_layer, decoder_stack, residual_stream
+from saefd_ray.sae.sinks import sae_sink_ratio, sink_mask
 
 MASK_DIR = "sae_reg/masks"
 
@@ -139,7 +140,7 @@ class SaeReg(Method):
         weights = torch.ones(len(mine), device=ctx.device)
         weights[len(chosen[ctx.rank :: ctx.world_size]):] = 0
         sums = {layer: torch.zeros(self.saes[layer].cfg.d_sae, device=ctx.device) for layer in self.layers}
-        count = torch.zeros((), device=ctx.device)
+        count = {layer: torch.zeros((), device=ctx.device) for layer in self.layers}
         bs = cfg.evaluation.batch_size
         was_training = model.training
         model.eval()
@@ -151,14 +152,15 @@ class SaeReg(Method):
                 content = self.content_mask(ids, attention) & (weights[start : start + bs, None] > 0)
                 with model.disable_adapter():
                     hidden = residual_stream(model, ids, attention, self.layers)
-                for layer in self.layers:
-                    sums[layer] += self.saes[layer].encode(hidden[layer][content].to(self.saes[layer].dtype)).abs().sum(0)
-                count += content.sum()
+                for layer in self.layers:  # attention sinks (the SAE's own rule) never enter the mask
+                    keep = content & ~sink_mask(hidden[layer], attention, sae_sink_ratio(self.saes[layer]))
+                    sums[layer] += self.saes[layer].encode(hidden[layer][keep].to(self.saes[layer].dtype)).abs().sum(0)
+                    count[layer] += keep.sum()
         finally:
             model.train(was_training)
         masks = {}
         for layer in self.layers:
-            mean = ctx.all_reduce(sums[layer]) / ctx.all_reduce(count).clamp_min(1)
+            mean = ctx.all_reduce(sums[layer]) / ctx.all_reduce(count[layer]).clamp_min(1)
             mean = mean / mean.max().clamp_min(1e-12)
             masks[layer] = knn_spread(mean, self.saes[layer].W_dec, self.cfg.knn_k)
         return masks

@@ -22,9 +22,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(model: ModelConfig, tokenizer_texts: list[str] | None = None) -> str:
-    """`tiny` builds (or reuses) the offline model; anything else is a hub id or local folder, as given."""
-    if model.name_or_path != "tiny":
-        return model.name_or_path
+    """An HF folder or hub id for `model.name_or_path`, resolved once on the driver (workers get the result):
+    `tiny` builds (or reuses) the offline model; a named real model (`models/registry.py`, e.g.
+    `smollm2-135m-instruct`) is fetched and converted once; a `.gguf` file is de-quantized once into
+    `cache_dir`; anything else is a hub id or local folder, as given."""
+    from saefd_ray.models.registry import NAMED_MODELS, resolve_named
+
+    name = model.name_or_path
+    if name in NAMED_MODELS:
+        return str(resolve_named(name, model.cache_dir))
+    if name.endswith(".gguf"):
+        from saefd_ray.models.gguf import convert_gguf, gguf_folder
+
+        return str(convert_gguf(name, gguf_folder(name, model.cache_dir)))
+    if name != "tiny":
+        return name
     from saefd_ray.data.synthetic import corpus_text
     from saefd_ray.models.tiny import build_tiny_model
 

@@ -119,11 +119,12 @@ def _token_logprobs_and_ce(logits: Tensor, input_ids: Tensor, mask: Tensor) -> t
 
 
 @torch.no_grad()
-def spliced_metrics(model: nn.Module, sae: SparseAutoencoder, layer: int, batches: Sequence[dict[str, Tensor]]
-                    ) -> dict[str, float]:
+def spliced_metrics(model: nn.Module, sae: SparseAutoencoder, layer: int, batches: Sequence[dict[str, Tensor]],
+                    splice_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
     """CE clean / with SAE / with the layer output zeroed, CE-loss recovered, and KL(clean ‖ SAE) per token.
 
-    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``. Recovered =
+    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``; ``splice_fn``: replaces
+    ``sae_splice_fn(sae)`` (e.g. one that passes attention sinks through). Recovered =
     (CE_zero − CE_sae) / (CE_zero − CE_clean): 1 means the SAE is as good as the real activations, 0 as bad as zeros.
     """
     was_training = model.training
@@ -136,7 +137,7 @@ def spliced_metrics(model: nn.Module, sae: SparseAutoencoder, layer: int, batche
         kw = {"input_ids": ids, "attention_mask": mask}
         clean_lp, c, cnt = _token_logprobs_and_ce(model(**kw).logits, ids, mask)
         ce["clean"] += float(c)
-        with splice(model, layer, sae_splice_fn(sae)):
+        with splice(model, layer, splice_fn or sae_splice_fn(sae)):
             sae_lp, c, _ = _token_logprobs_and_ce(model(**kw).logits, ids, mask)
         ce["sae"] += float(c)
         with splice(model, layer, torch.zeros_like):

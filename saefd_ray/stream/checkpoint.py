@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from saefd_ray.sae.normalize import fold_scale, read_scaler, unfold_scale_, write_scaler
 from saefd_ray.stream.latent_sharded import slice_sae
 from saefd_ray.stream.shard_common import ShardedTrainerBase, barrier
 
@@ -46,8 +47,9 @@ def save_distributed_checkpoint(run_dir: Path, trainers: dict[int, ShardedTraine
     for layer, tr in trainers.items():
         folder = staging / f"layer_{layer}"
         if rank == 0:
-            sparsity = None
-            save_saelens(fulls[layer], folder, sparsity)
+            save_saelens(fold_scale(fulls[layer], tr.scale) if tr.scale else fulls[layer], folder, None)
+            if tr.scale:  # saved folded (reads raw activations); the scale beside it, as SAELens writes it
+                write_scaler(folder, tr.scale)
         if tr.sharding == "latent":
             save_trainer_state(tr.state_dict(), folder / f"rank{rank}")
         elif rank == 0:
@@ -87,6 +89,9 @@ def load_checkpoint(path: Path, trainers: dict[int, ShardedTrainerBase], consume
     for layer, tr in trainers.items():
         folder = path / f"layer_{layer}"
         full = load_saelens(folder)
+        scale = read_scaler(folder)
+        if scale:  # saved folded (reads raw activations); training continues on scaled ones
+            unfold_scale_(full, scale)
         part = slice_sae(full, rank, world) if tr.sharding == "latent" else full
         with torch.no_grad():
             for name, p in tr.sae.named_parameters():

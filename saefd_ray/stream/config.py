@@ -60,6 +60,9 @@ class DataConfig(Strict):
     activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cache: bool = Field(False, description="tee activation shards to cache_dir; later runs stream from them")
     cache_dir: str = "~/.cache/saefd_ray/activations"
+    sink_norm_ratio: float | None = Field(None, gt=0, description="attention sinks (sae/sinks.py): tokens whose "
+                                          "residual norm exceeds this × their sequence's median are kept out of "
+                                          "SAE training and evaluation, and counted; None: keep every token")
 
 
 class SaeArchConfig(Strict):
@@ -70,6 +73,9 @@ class SaeArchConfig(Strict):
     sparsity_coefficient: float | None = Field(None, ge=0, description="λ; None: the architecture's default")
     apply_b_dec_to_input: bool = Field(False, description="encode x − b_dec instead of x (SAELens's cfg key, written "
                                        "with the SAE and honoured on load); FAST trains with False")
+    normalize_activations: Literal["none", "expected_average_only_in"] = Field(
+        "none", description="SAELens's option: scale activations to mean norm √d_in (estimated on the first batch) "
+        "so λ carries across models; folded into the saved weights (sae/normalize.py)")
 
     @model_validator(mode="after")
     def _k(self) -> "SaeArchConfig":

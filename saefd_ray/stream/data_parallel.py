@@ -19,12 +19,12 @@ from saefd_ray.stream.shard_common import ShardedTrainerBase
 class DataParallelTrainer(ShardedTrainerBase):
     sharding = "data"
 
-    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig):
-        super().__init__(full, full.cfg, cfg)
+    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig, normalize_activations: str = "none"):
+        super().__init__(full, full.cfg, cfg, normalize_activations)
 
     def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
         inner, world = self.inner, self.world
-        local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
+        local = self._prepare(local)
         self._init_b_dec(local, fill)
         res = inner.loss_and_metrics(local)
         fired, n = res.fired, res.n_tokens

@@ -10,7 +10,8 @@ by length so that padding wastes at most `max_padding` of the computed tokens.
 `residual_stream` stops after the deepest requested layer: later layers and the LM head are never run.
 
 Output rows (a dict of numpy columns, the Ray Data batch format): `activation [n, d]`, `token_id`, `instance_id`,
-`position`, `is_special`, `layer` — layer-major within a window.
+`position`, `is_special`, `layer`, `is_sink` (sae/sinks.py; all False without a sink ratio) — layer-major within a
+window.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from saefd_ray.errors import DataError
 
-ROW_COLUMNS = ("activation", "token_id", "instance_id", "position", "is_special", "layer")
+ROW_COLUMNS = ("activation", "token_id", "instance_id", "position", "is_special", "layer", "is_sink")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}  # bf16 has no numpy dtype
 
 
@@ -138,10 +139,10 @@ def load_instances(config) -> tuple[list[dict], list[dict]]:
     return instances[n_eval:], instances[:n_eval]
 
 
-def render_checked(tokenizer, messages: list[dict], max_len: int, origin: str) -> list[int]:
-    """`render`, with a template or tokenizer failure turned into a DataError naming the record."""
+def render_checked(tokenizer, messages_json: str, max_len: int, origin: str) -> list[int]:
+    """`render_instance`, with a template or tokenizer failure turned into a DataError naming the record."""
     try:
-        return render(tokenizer, messages, max_len)
+        return render_instance(tokenizer, messages_json, max_len)
     except Exception as err:  # noqa: BLE001 - jinja2 TemplateError (e.g. a role the template rejects), ...
         text = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"{origin}: cannot be rendered with the model's chat template ({type(err).__name__}: "
@@ -163,6 +164,15 @@ def render(tokenizer, messages: list[dict], max_len: int) -> list[int]:
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
     return list(ids[:max_len])
+
+
+def render_instance(tokenizer, messages_json: str, max_len: int) -> list[int]:
+    """An instance's `messages` field: a chat (rendered), or `{"input_ids": [...]}` — an already tokenized block
+    (the block-training baselines of bench/fast_vs_bt.py), taken as is up to `max_len`."""
+    obj = json.loads(messages_json)
+    if isinstance(obj, dict) and "input_ids" in obj:
+        return [int(t) for t in obj["input_ids"][:max_len]]
+    return render(tokenizer, obj, max_len)
 
 
 def plan_batches(lengths: list[int], max_batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
@@ -204,9 +214,11 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> tuple[int, in
 
 @torch.no_grad()
 def harvest_batch(model, ids: list[list[int]], instance_ids: list[int], layers: list[int], special_ids: set[int],
-                  pad_id: int, device: torch.device | str = "cpu", out_dtype=np.float32) -> dict[str, np.ndarray]:
+                  pad_id: int, device: torch.device | str = "cpu", out_dtype=np.float32,
+                  sink_ratio: float | None = None) -> dict[str, np.ndarray]:
     """One right-padded forward over `ids` (already a planned batch) → rows for every real token and layer."""
     from saefd_ray.models.loading import residual_stream
+    from saefd_ray.sae.sinks import sink_mask
 
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -226,6 +238,8 @@ def harvest_batch(model, ids: list[list[int]], instance_ids: list[int], layers: 
     cols: dict[str, list[np.ndarray]] = {c: [] for c in ROW_COLUMNS}
     for layer in layers:
         a = acts[layer][keep.to(acts[layer].device)].float().cpu().numpy().astype(out_dtype, copy=False)
+        sinks = sink_mask(acts[layer], mask, sink_ratio)[keep.to(acts[layer].device)].cpu().numpy()
+        cols["is_sink"].append(sinks)
         cols["activation"].append(a)
         cols["token_id"].append(tokens.astype(np.int64))
         cols["instance_id"].append(inst.astype(np.int64))
@@ -246,7 +260,7 @@ def concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def empty_rows(d: int) -> dict[str, np.ndarray]:
     return {"activation": np.zeros((0, d), np.float32), **{c: np.zeros(0, np.int64) for c in ROW_COLUMNS[1:]},
-            "is_special": np.zeros(0, bool)}
+            "is_special": np.zeros(0, bool), "is_sink": np.zeros(0, bool)}
 
 
 class Harvester:
@@ -254,7 +268,8 @@ class Harvester:
 
     def __init__(self, model_path: str, layers: list[int], max_len: int, max_batch_tokens: int,
                  max_padding: float = 0.1, dtype: str = "float32", activation_dtype: str = "float32",
-                 threads: int | None = None, use_gpu: bool = False, cache_dir: str | None = None) -> None:
+                 threads: int | None = None, use_gpu: bool = False, cache_dir: str | None = None,
+                 sink_ratio: float | None = None) -> None:
         from saefd_ray.models.loading import check_layer, load_model, load_tokenizer
 
         if threads:
@@ -270,11 +285,11 @@ class Harvester:
         self.out_dtype = NP_DTYPES[activation_dtype]
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.real_tokens = self.padded_tokens = 0
+        self.sink_ratio = sink_ratio
 
     def render_window(self, messages_json, origins=None) -> list[list[int]]:
         origins = origins if origins is not None else [f"instance {i}" for i in range(len(messages_json))]
-        return [render_checked(self.tokenizer, json.loads(m), self.max_len, str(o))
-                for m, o in zip(messages_json, origins)]
+        return [render_checked(self.tokenizer, m, self.max_len, str(o)) for m, o in zip(messages_json, origins)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = self.render_window(batch["messages"], batch.get("origin"))
@@ -286,7 +301,7 @@ class Harvester:
         self.padded_tokens += padded
         parts = [
             harvest_batch(self.model, [ids[i] for i in b], [instance_ids[i] for i in b], self.layers, self.special,
-                          self.tokenizer.pad_token_id, self.device, self.out_dtype)
+                          self.tokenizer.pad_token_id, self.device, self.out_dtype, self.sink_ratio)
             for b in plan
         ]
         rows = concat_rows(parts)

@@ -147,16 +147,16 @@ class LatentShard(nn.Module):
 class LatentShardedTrainer(ShardedTrainerBase):
     sharding = "latent"
 
-    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig):
+    def __init__(self, full: SparseAutoencoder, cfg: TrainerConfig, normalize_activations: str = "none"):
         self.clip = cfg.grad_clip
         rank, size = rank_world()
         cfg = TrainerConfig(**{**cfg.__dict__, "grad_clip": 0.0})  # global-norm clipping done here
-        super().__init__(slice_sae(full, rank, size), full.cfg, cfg)
+        super().__init__(slice_sae(full, rank, size), full.cfg, cfg, normalize_activations)
         self.inner.forward_module = LatentShard(self.sae, full.cfg)
 
     def step(self, local: Tensor, fill: Tensor | None = None) -> dict[str, float]:
         inner = self.inner
-        local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
+        local = self._prepare(local)
         x = all_gather_cat(local)
         self._init_b_dec(local, fill)
         res = inner.loss_and_metrics(x)

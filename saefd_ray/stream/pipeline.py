@@ -24,7 +24,8 @@ import numpy as np
 from saefd_ray.stream.harvest import Harvester, shard_to_numpy
 
 
-def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype: str, instances: list[dict]) -> str:
+def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype: str, instances: list[dict],
+              sink_ratio: float | None = None) -> str:
     h = hashlib.sha256()
     model_dir = Path(model_path).expanduser()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -32,7 +33,7 @@ def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype
         if f.is_file():  # size + mtime, not a full hash of a multi-GB file
             st = f.stat()
             h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(json.dumps([model_path, layers, max_len, activation_dtype]).encode())
+    h.update(json.dumps([model_path, layers, max_len, activation_dtype, "is_sink", sink_ratio]).encode())
     for inst in instances:
         h.update(f"{inst['instance_id']}\0{inst['messages']}\0".encode())
     return h.hexdigest()[:20]
@@ -72,7 +73,7 @@ def activation_dataset(config, model_path: str, instances: list[dict], *, skip: 
     skip = skip or set()
     cache_folder = None
     if data.cache:
-        key = cache_key(model_path, config.layers, data.max_len, data.activation_dtype, instances)
+        key = cache_key(model_path, config.layers, data.max_len, data.activation_dtype, instances, data.sink_norm_ratio)
         cache_folder = Path(data.cache_dir).expanduser().resolve() / key
         shards = cached_shards(cache_folder, {i["instance_id"] for i in instances})
         if shards is not None:
@@ -93,6 +94,7 @@ def activation_dataset(config, model_path: str, instances: list[dict], *, skip: 
             max_batch_tokens=data.max_batch_tokens, max_padding=data.max_padding, dtype=config.model.dtype,
             activation_dtype=data.activation_dtype, threads=threads or max(1, int(data.cpus_per_actor)),
             use_gpu=data.gpus_per_actor > 0, cache_dir=str(cache_folder) if cache_folder else None,
+            sink_ratio=data.sink_norm_ratio,
         ),
     )
     return ds, "model"
@@ -156,7 +158,8 @@ def _synthetic_rows(batch: dict, d: int, layer: int, tokens_per_instance: int) -
     ids = batch["id"].astype(np.int64)
     return {"activation": synthetic_activations(ids, d), "token_id": ids % 97,
             "instance_id": ids // tokens_per_instance, "position": ids % tokens_per_instance,
-            "is_special": ids % tokens_per_instance == 0, "layer": np.full(len(ids), layer, np.int64)}
+            "is_special": ids % tokens_per_instance == 0, "layer": np.full(len(ids), layer, np.int64),
+            "is_sink": np.zeros(len(ids), bool)}
 
 
 def synthetic_activation_dataset(n_rows: int, d: int, layer: int = 0, blocks: int = 4, tokens_per_instance: int = 16):

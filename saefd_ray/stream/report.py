@@ -18,10 +18,14 @@ from saefd_ray.io import atomic_write_text
 
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: Path, model_path: str, instances: list[dict], layers: list[int], max_len: int,
-                        dtype: str = "float32", batch_tokens: int = 8192) -> dict:
+                        dtype: str = "float32", batch_tokens: int = 8192, sink_ratio: float | None = None) -> dict:
+    """Per layer: FVU, MSE, L0, ... over the held-out tokens that are not attention sinks (sae/sinks.py; all tokens
+    when `sink_ratio` is None), the same with sinks (`*_with_sinks`) for comparison, and CE-loss recovered with the
+    SAE spliced in everywhere but at the sinks (which keep their real activation)."""
     from saefd_ray.models.loading import load_model, load_tokenizer, residual_stream
     from saefd_ray.sae.evaluate import reconstruction_metrics, spliced_metrics
     from saefd_ray.sae.formats import load_saelens, load_trainer_state
+    from saefd_ray.sae.sinks import sink_mask
     from saefd_ray.stream.harvest import plan_batches, render
 
     tokenizer = load_tokenizer(model_path)
@@ -30,6 +34,7 @@ def evaluate_checkpoint(checkpoint: Path, model_path: str, instances: list[dict]
     ids = [render(tokenizer, json.loads(i["messages"]), max_len) for i in instances]
     plan = plan_batches([len(x) for x in ids], batch_tokens, 0.1)
     batches, seqs, masks = [], {layer: [] for layer in layers}, []
+    sinks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for b in plan:
         width = max(len(ids[i]) for i in b)
         input_ids = torch.full((len(b), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -43,13 +48,16 @@ def evaluate_checkpoint(checkpoint: Path, model_path: str, instances: list[dict]
             n = len(ids[i])
             for layer in layers:
                 seqs[layer].append(acts[layer][row, :n].float())
+                sinks[layer].append(sink_mask(acts[layer][row, :n], None, sink_ratio))
             masks.append(torch.isin(input_ids[row, :n], special))
     out: dict = {"instances": len(instances), "tokens": sum(len(x) for x in ids), "layers": {}}
     for layer in layers:
         folder = checkpoint / f"layer_{layer}"
         sae = load_saelens(folder).eval()
-        rec = reconstruction_metrics(sae, seqs[layer], masks)
-        ce = spliced_metrics(model, sae, layer, batches)
+        keep = [~s for s in sinks[layer]]
+        rec = reconstruction_metrics(sae, [x[k] for x, k in zip(seqs[layer], keep)], [m[k] for m, k in zip(masks, keep)])
+        rec_all = reconstruction_metrics(sae, seqs[layer], masks) if sink_ratio else rec
+        ce = spliced_metrics(model, sae, layer, batches, sink_passthrough(sae, sink_ratio))
         state_dir = folder if (folder / "trainer_state.pt").is_file() else None
         train_dead = None
         if state_dir is not None:
@@ -71,8 +79,22 @@ def evaluate_checkpoint(checkpoint: Path, model_path: str, instances: list[dict]
             "dead_fraction_eval": rec["dead_fraction"], "dead_fraction_train": train_dead,
             "ce_clean": ce["ce_clean"], "ce_sae": ce["ce_sae"], "ce_zero": ce["ce_zero"],
             "ce_loss_recovered": ce["ce_loss_recovered"], "kl": ce["kl"],
+            "sink_tokens": int(sum(int(s.sum()) for s in sinks[layer])), "sink_norm_ratio": sink_ratio,
+            "fvu_with_sinks": rec_all["fvu"], "mse_with_sinks": rec_all["mse"],
         }
     return out
+
+
+def sink_passthrough(sae, ratio: float | None):
+    """The CE splice: SAE reconstruction at every token but the attention sinks, which keep their activation."""
+    from saefd_ray.sae.evaluate import reconstruct
+    from saefd_ray.sae.sinks import sink_mask
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        x_hat = reconstruct(sae, h.reshape(-1, h.shape[-1]))[0].reshape(h.shape).to(h.dtype)
+        return torch.where(sink_mask(h, None, ratio).unsqueeze(-1), h, x_hat)
+
+    return fn
 
 
 def _fmt(v) -> str:
@@ -109,6 +131,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
               f"{100 * report.get('padding', {}).get('padding_waste', 0):.1f}% "
               f"(unsorted: {100 * report.get('padding', {}).get('unsorted_padding_waste', 0):.1f}%)",
               f"- evaluation: {report['eval']['instances']} held-out instances, {report['eval']['tokens']:,} tokens",
+              *_sink_lines(report),
               "", "| layer | FVU | L0 | dead % (train) | dead % (eval) | log2 MSE | log2 MSE special | CE recovered |",
               "|---|---|---|---|---|---|---|---|"]
     for layer, m in report["eval"]["layers"].items():
@@ -118,3 +141,16 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
                      f"{_fmt(m['log2_mse_special'])} | {_fmt(m['ce_loss_recovered'])} |")
     md_path = atomic_write_text(run_dir / "sae_report.md", "\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def _sink_lines(report: dict) -> list[str]:
+    """Attention sinks: how many were kept out, and what FVU / MSE read with them (they dwarf everything else)."""
+    layers = report["eval"]["layers"]
+    if not any(m.get("sink_norm_ratio") for m in layers.values()):
+        return []
+    ratio = next(m["sink_norm_ratio"] for m in layers.values())
+    trained = report.get("training", {}).get("sink_tokens")
+    parts = [f"layer {layer}: {m['sink_tokens']} eval sinks (FVU with them {_fmt(m['fvu_with_sinks'])}, "
+             f"MSE {_fmt(m['mse_with_sinks'])})" for layer, m in layers.items()]
+    return [f"- attention sinks (norm > {ratio:g} × sequence median) left out of training"
+            f"{f' ({trained:,} rows)' if trained is not None else ''} and of every metric below; " + "; ".join(parts)]

@@ -46,7 +46,7 @@ def input_digests(instances: list[dict], model_path: str) -> dict[str, str]:
 def prepare_run_dir(config: SaeTrainConfig, inputs: dict[str, str] | None = None) -> Path:
     """Claim the run folder. One holding a checkpoint is protected against another config or other inputs; one
     without (a start that failed before the first checkpoint) is taken over, its Ray Train state removed."""
-    from saefd_ray.stream.sharded import CKPT_DIR, latest_checkpoint
+    from saefd_ray.stream.checkpoint import CKPT_DIR, latest_checkpoint
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def train_sae(config: SaeTrainConfig) -> dict:
         progress = json.loads((resume / PROGRESS).read_text())
     padding = window_padding(tokenizer, train, config)
     evaluation = evaluate_checkpoint(resume, model_path, held, config.layers, config.data.max_len,
-                                     config.model.dtype, config.data.max_batch_tokens)
+                                     config.model.dtype, config.data.max_batch_tokens, config.data.sink_norm_ratio)
     report = {
         "run_name": config.output.run_name, "model": model_path, "layers": config.layers,
         "architecture": config.sae.architecture, "checkpoint": str(resume), "source": fit_metrics.get("source"),
@@ -198,7 +198,9 @@ def train_sae(config: SaeTrainConfig) -> dict:
         "training": {"tokens": progress["tokens"], "steps": progress["steps"], "workers": progress["world"],
                      "sharding": progress["sharding"], "ran_out_of_data": progress.get("ran_out_of_data"),
                      "tokens_per_s": fit_metrics.get("tokens_per_s"), "last": progress.get("last"),
-                     "schedule": schedule_used(config)},
+                     "schedule": schedule_used(config),
+                     "sink_tokens": fit_metrics.get("sink_tokens"), "activation_scale": fit_metrics.get("activation_scale"),
+                     "normalize_activations": config.sae.normalize_activations},
         "eval": evaluation,
     }
     write_report(run_dir, report)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from saefd_ray.sae import SparseAutoencoder
+from saefd_ray.sae.normalize import estimate_scale
 from saefd_ray.sae.trainer import SAETrainer, TrainerConfig
 
 
@@ -66,11 +67,22 @@ class ShardedTrainerBase:
 
     sharding: str = ""
 
-    def __init__(self, sae: SparseAutoencoder, full_cfg, cfg: TrainerConfig):
+    def __init__(self, sae: SparseAutoencoder, full_cfg, cfg: TrainerConfig, normalize_activations: str = "none"):
         self.rank, self.world = rank_world()
         self.full_cfg = full_cfg
         self.sae = sae
         self.inner = SAETrainer(sae, cfg)
+        self.normalize, self.scale = normalize_activations, None  # sae/normalize.py: s, fixed at the first step
+
+    def _prepare(self, local: Tensor) -> Tensor:
+        """This rank's batch as [n, d_in] on the SAE's device, times the activation scale when normalizing (one s
+        for every worker, estimated on the first global batch)."""
+        local = local.reshape(-1, self.sae.cfg.d_in).to(self.sae.device, self.sae.dtype)
+        if self.normalize == "none":
+            return local
+        if self.scale is None:
+            self.scale = estimate_scale(all_gather_cat(local))
+        return local * self.scale
 
     @property
     def step_count(self) -> int:
@@ -90,7 +102,7 @@ class ShardedTrainerBase:
         inner = self.inner
         if inner.b_dec_initialized or inner.cfg.b_dec_init == "none" or inner.step_count != 0:
             return
-        init = local if fill is None else fill.reshape(-1, self.sae.cfg.d_in).to(self.sae.device)
+        init = local if fill is None else fill.reshape(-1, self.sae.cfg.d_in).to(self.sae.device) * (self.scale or 1.0)
         inner.init_b_dec(init, all_reduce=all_reduce_)
 
     def full_sae(self) -> SparseAutoencoder:
@@ -101,7 +113,9 @@ class ShardedTrainerBase:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.inner.state_dict(), "sharding": self.sharding, "world": self.world, "rank": self.rank}
+        return {**self.inner.state_dict(), "sharding": self.sharding, "world": self.world, "rank": self.rank,
+                "activation_scale": self.scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+        self.scale = state.get("activation_scale")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from saefd_ray.sae import SAEConfig, SparseAutoencoder, build_sae
 from saefd_ray.sae.buffer import MixingBuffer
+from saefd_ray.sae.sinks import METADATA_KEY as SINK_KEY
 from saefd_ray.sae.trainer import TrainerConfig
 from saefd_ray.stream.checkpoint import load_checkpoint, save_distributed_checkpoint, write_history
 from saefd_ray.stream.data_parallel import DataParallelTrainer
@@ -40,9 +41,11 @@ def trainer_config(training, total_steps: int) -> TrainerConfig:
     )
 
 
-def make_trainer(full: SparseAutoencoder, cfg: TrainerConfig, sharding: str = "data") -> ShardedTrainerBase:
+def make_trainer(full: SparseAutoencoder, cfg: TrainerConfig, sharding: str = "data",
+                 normalize_activations: str = "none") -> ShardedTrainerBase:
     """This rank's trainer for `full`: the whole SAE (`data`) or its latent slice (`latent`)."""
-    return LatentShardedTrainer(full, cfg) if sharding == "latent" else DataParallelTrainer(full, cfg)
+    kind = LatentShardedTrainer if sharding == "latent" else DataParallelTrainer
+    return kind(full, cfg, normalize_activations)
 
 
 # ------------------------------------------------------------------------------------------- the data side
@@ -58,6 +61,7 @@ class LayerFeeder:
         self.queues: dict[int, deque] = {layer: deque() for layer in layers}
         self.exhausted = False
         self.on_batch = on_batch
+        self.sinks_dropped = 0  # attention-sink rows (is_sink) kept out of training
 
     def _pull(self) -> None:
         try:
@@ -68,6 +72,11 @@ class LayerFeeder:
         if self.on_batch is not None:
             self.on_batch(batch)
         acts, layer_col = batch["activation"], batch["layer"]
+        sink = batch.get("is_sink")
+        if sink is not None and bool(sink.any()):
+            keep = ~sink.bool()
+            self.sinks_dropped += int((~keep).sum())
+            acts, layer_col = acts[keep], layer_col[keep]
         if len(self.layers) == 1:
             self.queues[self.layers[0]].append(acts.float())
             return
@@ -129,7 +138,8 @@ def train_loop_per_worker(loop: dict) -> None:
     trainers: dict[int, ShardedTrainerBase] = {}
     for layer in layers:
         full = build_sae(full_cfg(layer), seed=t.seed + layer)
-        trainers[layer] = make_trainer(full, trainer_config(t, total_steps), d.sharding)
+        trainers[layer] = make_trainer(full, trainer_config(t, total_steps), d.sharding,
+                                       config.sae.normalize_activations)
     consumed = np.zeros(int(loop["n_instances"]), dtype=bool)
     if loop.get("resume"):
         load_checkpoint(Path(loop["resume"]), trainers, consumed, rank, world, d.sharding)
@@ -189,7 +199,9 @@ def train_loop_per_worker(loop: dict) -> None:
                                        history else None, final=True, ran_out=ran_out)
     if rank == 0:
         write_history(run_dir, history, loop.get("resume") is not None)
-    metrics = {"steps": tr0.step_count, "tokens": tr0.tokens_seen, "elapsed_s": elapsed,
+    sinks = int(all_reduce_(torch.tensor(feeder.sinks_dropped, dtype=torch.int64)))
+    metrics = {"steps": tr0.step_count, "tokens": tr0.tokens_seen, "elapsed_s": elapsed, "sink_tokens": sinks,
+               "activation_scale": {str(layer): tr.scale for layer, tr in trainers.items()},
                "tokens_per_s": (tr0.tokens_seen - tokens_at_start) / max(elapsed, 1e-9),
                "steady_tokens_per_s": _steady_rate(first_step, tr0.tokens_seen),
                "ran_out_of_data": ran_out, "checkpoint": str(path),
@@ -221,5 +233,6 @@ def sae_config(config, d_in: int, model_name: str | None = None) -> Callable[[in
                          sparsity_coefficient=a.sparsity_coefficient, apply_b_dec_to_input=a.apply_b_dec_to_input,
                          metadata={"model_name": model_name or config.model.name_or_path,
                                    "hook_name": f"model.layers.{layer}", "hook_layer": layer,
-                                   "context_size": config.data.max_len, "prepend_bos": True})
+                                   "context_size": config.data.max_len, "prepend_bos": True,
+                                   **({SINK_KEY: ratio} if (ratio := config.data.sink_norm_ratio) else {})})
     return make
