@@ -205,7 +205,7 @@ def test_split_with_only_empty_references_is_refused(tmp_path):
     """TRACE's Lima/test.json has an empty answer in every record: nothing to score, refused naming the file."""
     folder = tmp_path / "Lima"
     folder.mkdir()
-    (folder / "train.json").write_text(json.dumps([{"prompt": "p", "answer": "a"}]))
+    (folder / "train.json").write_text(json.dumps([{"prompt": f"p{i}", "answer": "a"} for i in range(40)]))
     (folder / "test.json").write_text(json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": "\n"}]))
     config = run_config(tmp_path, {"name": "lima", "format": "trace", "path": "Lima"})
     with pytest.raises(DataError, match=f"{folder / 'test.json'}: every record's 'answer' is empty"):
