@@ -1,10 +1,10 @@
-"""The same seed on the same versions gives the same numbers, whatever the machine's thread settings.
+"""The same seed on the same versions gives the same numbers, whatever the workers' CPU share.
 
-CPU reductions (matmuls, sums) split their work by thread, so a different thread count gives different float
-rounding, which training amplifies. Ray sets each worker's OMP_NUM_THREADS from its CPU share (or inherits the
-machine's), so before `distributed.threads_per_worker` a box with another core count or CPU share trained other
-numbers. Here the workers' CPU share differs (1 vs 2 CPUs each, i.e. 1 vs 2 threads from Ray) and the trained
-adapter, the losses and the R matrix must be bit-identical.
+Ray sets each worker's OMP_NUM_THREADS from its CPU share (or inherits the machine's); `distributed.threads_per_worker`
+fixes the torch thread count from the config instead, since CPU reductions may split their work by thread. Here the
+workers get 1 vs 2 CPUs each and the trained adapter, the losses and the R matrix must be bit-identical.
+(At the tiny model's sizes this held before the fix too; what does change numbers between machines is the CPU's
+instruction set: ATEN_CPU_CAPABILITY=avx2 vs default gives different gradients for the same batch.)
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def two_nodes(ray_cluster):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as the session fixture does
+        # as the session fixture does; "local": a new instance, never a leftover cluster address
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 
 
 def test_two_nodes_worker_killed_on_second_node_matches_one_node(tmp_path, cache_dir, sae_folder, ray_cluster,  # noqa: F811
