@@ -151,7 +151,7 @@ def tiny_run_config(tmp_path: Path, cache_dir: Path, sae_folder: Path) -> Path:
                            "num_heads": 2}},
         "lora": {"r": 4, "alpha": 8},
         "tasks": {"sequence": [{"name": n, "format": "synthetic", "generator": n, "max_train": 16, "max_test": 8}
-                               for n in ("rule_a", "rule_b")]},
+                               for n in ("rule_a", "rule_b")], "validation": {"size": 8}},
         "training": {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_prompt_len": 48, "max_answer_len": 4},
         "distributed": {"num_workers": 1, "zero_stage": 2, "max_failures": 0},
         "evaluation": {"batch_size": 16},
