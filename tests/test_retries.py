@@ -19,6 +19,15 @@ from saefd_ray.train.failures import fit_with_retries
 pytestmark = pytest.mark.ray
 
 
+def _by_value() -> None:
+    """Ray workers cannot import this test module: ship its functions by value."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 def _loop(cfg: dict) -> None:
     import ray.train
 
@@ -46,6 +55,7 @@ def _trainer(tmp_path: Path, mode: str):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    _by_value()
     return lambda: TorchTrainer(
         _loop, train_loop_config={"attempts": str(tmp_path / "attempts"), "mode": mode},
         scaling_config=ScalingConfig(num_workers=1),
