@@ -206,6 +206,21 @@ def write_markdown(path: Path, result: dict) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
+def _init_ray_retrying(init_ray, config, attempts: int = 3) -> None:
+    """On a loaded box the raylet can miss its start-up deadline: try a few times (as bench/harvest.py does)."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            init_ray(config)
+            return
+        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(10)
+
+
 def main(argv=None) -> dict:
     from saefd_ray.errors import exit_on_user_error
 
@@ -239,7 +254,7 @@ def _main(argv=None) -> dict:
     }
     print(f"[fast_vs_bt] {tokens:,} tokens per SAE; instances: "
           + ", ".join(f"{m} {len(v)}" for m, v in feeds.items()) + f"; {len(held)} held-out chat instances", flush=True)
-    init_ray(base)
+    _init_ray_retrying(init_ray, base)
     result = {"paper": PAPER, "harvest": {}, "results": {}, "settings": {
         "model_name": base.model.name_or_path, "layer": base.layers[0], "d_in": d_in,
         "d_sae": base.sae.width or base.sae.expansion * d_in, "tokens": tokens, "block_len": args.block_len,

@@ -66,7 +66,7 @@ def test_top_features_matches_a_direct_computation(tiny, sae, one_thread):
     model, tok = tiny
     seqs = [render(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}], 64)
             for p, a in [("rule a: kalo", "north"), ("rule c: dobi", "south"), ("x", "y")]]
-    table = top_features(model, tok, sae, LAYER, seqs, tokens=("<|im_end|>", "no-such-token-xyz"), top=3)
+    table = top_features(model, tok, sae, LAYER, seqs, tokens=("<|im_end|>", "rule a", "no-such-token-xyz"), top=3)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     maxima = []
     with torch.no_grad():
@@ -76,7 +76,16 @@ def test_top_features_matches_a_direct_computation(tiny, sae, one_thread):
     mean = torch.stack(maxima).mean(0)
     want = mean.topk(3)
     row = table["<|im_end|>"]
-    assert row["id"] == end and row["instances"] == 3
+    assert row["ids"] == [end] and row["instances"] == 3
     assert [f["feature"] for f in row["features"]] == want.indices.tolist()
     assert [f["mean_max_activation"] for f in row["features"]] == pytest.approx(want.values.tolist(), rel=1e-5)
-    assert table["no-such-token-xyz"] == {"id": None, "instances": 0, "features": []}
+    assert table["no-such-token-xyz"]["instances"] == 0 and table["no-such-token-xyz"]["features"] == []
+    # a multi-token target counts at the position of its last piece, in the one instance that contains it
+    pieces = tok("rule a", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and table["rule a"]["ids"] == pieces and table["rule a"]["instances"] == 1
+    s = torch.tensor(seqs[0])
+    ends = [j + len(pieces) - 1 for j in range(len(s) - len(pieces) + 1) if s[j : j + len(pieces)].tolist() == pieces]
+    with torch.no_grad():
+        codes = sae.encode(residual_stream(model, s[None], None, [LAYER])[LAYER][0])
+    top1 = codes[ends].max(0).values.topk(1)
+    assert table["rule a"]["features"][0]["feature"] == int(top1.indices[0])

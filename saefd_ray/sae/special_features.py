@@ -1,7 +1,7 @@
 """FAST §6: the SAE features of chat-template tokens, and steering the model with them.
 
-`top_features`: for each target token (`<|im_start|>`, `<|im_end|>`, `user`, `assistant`), every instance that
-contains it gives, per feature, its maximum activation over that token's positions; those maxima are averaged over
+`top_features`: for each target token (`<|im_start|>`, `<|im_end|>`, `user`, `assistant`; a word the vocabulary
+splits counts at its last piece), every instance that contains it gives, per feature, its maximum activation over that token's positions; those maxima are averaged over
 the instances, and the `top` features by that average are listed (FAST's "average max activation"). Attention sinks
 (the SAE's own rule, sae/sinks.py — position 0 is the first `<|im_start|>`) are not counted.
 
@@ -21,47 +21,57 @@ from torch import Tensor, nn
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "user", "assistant")
 
 
-def single_token_id(tokenizer, token: str) -> int | None:
-    """The id of `token` if the tokenizer has it as one token (special or plain word), else None."""
+def target_ids(tokenizer, token: str) -> list[int]:
+    """The ids that spell `token`: one id if the vocabulary has it whole (special tokens, `user` in SmolLM2),
+    else its tokenization (SmolLM2 spells `assistant` as `ass` + `istant`)."""
     tid = tokenizer.convert_tokens_to_ids(token)
     if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(tid) == token:
-        return tid
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
+        return [tid]
+    return list(tokenizer(token, add_special_tokens=False)["input_ids"])
+
+
+def match_ends(seq: Tensor, target: list[int]) -> Tensor:
+    """Bool [T]: positions where `target` ends in `seq` (the last token of a multi-token target has seen all of it)."""
+    n, k = len(seq), len(target)
+    hit = torch.zeros(n, dtype=torch.bool)
+    if k == 0 or k > n:
+        return hit
+    windows = seq.unfold(0, k, 1)  # [T-k+1, k]
+    hit[k - 1 :] = (windows == torch.tensor(target, dtype=seq.dtype)).all(1)
+    return hit
 
 
 @torch.no_grad()
 def top_features(model: nn.Module, tokenizer, sae, layer: int, sequences: Sequence[list[int]],
                  tokens: Sequence[str] = CHAT_TOKENS, top: int = 5, device: str | torch.device = "cpu") -> dict:
-    """{token: {"id", "instances", "features": [{"feature", "mean_max_activation"}, ...top]}} over `sequences`
-    (token ids, one instance each; run alone, so no padding). A token absent from the vocabulary as one token
-    gets {"id": None}."""
+    """{token: {"ids", "instances", "features": [{"feature", "mean_max_activation"}, ...top]}} over `sequences`
+    (token ids, one instance each; run alone, so no padding). A multi-token target counts at its last token."""
     from saefd_ray.models.loading import residual_stream
     from saefd_ray.sae.sinks import sae_sink_ratio, sink_mask
 
     ratio = sae_sink_ratio(sae)
-    ids = {t: single_token_id(tokenizer, t) for t in tokens}
+    ids = {t: target_ids(tokenizer, t) for t in tokens}
     sums = {t: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for t in tokens}
     counts = {t: 0 for t in tokens}
     for seq in sequences:
         x = torch.tensor([seq], device=device)
         hidden = residual_stream(model, x, None, [layer])[layer][0]
-        keep = ~sink_mask(hidden, None, ratio)
+        keep = ~sink_mask(hidden, None, ratio).cpu()
         codes = sae.encode(hidden.to(sae.dtype)).float().cpu()
-        for t, tid in ids.items():
-            where = (x[0].cpu() == tid) & keep.cpu() if tid is not None else None
-            if where is None or not bool(where.any()):
+        for t, target in ids.items():
+            where = match_ends(x[0].cpu(), target) & keep
+            if not bool(where.any()):
                 continue
             sums[t] += codes[where].max(0).values.double()
             counts[t] += 1
     out = {}
     for t in tokens:
-        if ids[t] is None or counts[t] == 0:
-            out[t] = {"id": ids[t], "instances": counts[t], "features": []}
+        if counts[t] == 0:
+            out[t] = {"ids": ids[t], "instances": 0, "features": []}
             continue
         mean = sums[t] / counts[t]
         vals, idx = mean.topk(min(top, len(mean)))
-        out[t] = {"id": ids[t], "instances": counts[t],
+        out[t] = {"ids": ids[t], "instances": counts[t],
                   "features": [{"feature": int(i), "mean_max_activation": float(v)} for v, i in zip(vals, idx)]}
     return out
 
