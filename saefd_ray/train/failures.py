@@ -31,7 +31,9 @@ def causes(err: BaseException) -> list[BaseException]:
         seen.add(id(current))
         out.append(current)
         stack += list(getattr(current, "worker_failures", {}).values())
-        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        # Ray Train V2 reports a dead worker as WorkerHealthCheckFailedError(health_check_failure=ActorDiedError)
+        stack += [getattr(current, "cause", None), getattr(current, "health_check_failure", None),
+                  current.__cause__, current.__context__]
     return out
 
 
@@ -43,8 +45,10 @@ def user_error_inside(err: BaseException) -> UserError | None:
 def lost_worker(err: BaseException) -> bool:
     """True if some worker process or node died (not: raised an exception while alive)."""
     from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckTimeoutError  # a hung or unreachable worker
 
-    lost = (RayActorError, ActorDiedError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
+    lost = (RayActorError, ActorDiedError, NodeDiedError, OutOfMemoryError, WorkerCrashedError,
+            WorkerHealthCheckTimeoutError)
     return any(isinstance(e, lost) for e in causes(err))
 
 
