@@ -126,8 +126,13 @@ def score_task(model, tokenizer, task: Task, cfg, device) -> float:
     return score(task.metric, ordered, references, sources=task.sources)
 
 
-def score_row(model, tokenizer, tasks: list[Task], cfg, device) -> list[float]:
+def score_row(model, tokenizer, tasks: list[Task], cfg, device, on_task=None) -> list[float]:
+    """Every task's score (one R-matrix row); `on_task(done, total)` after each task (progress display)."""
     model.eval()
-    row = [score_task(model, tokenizer, task, cfg, device) for task in tasks]
+    row = []
+    for task in tasks:
+        row.append(score_task(model, tokenizer, task, cfg, device))
+        if on_task is not None:
+            on_task(len(row), len(tasks))
     model.train()
     return row

@@ -25,6 +25,7 @@ from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode
 from saefd_ray.data.tasks import Task
 from saefd_ray.methods.base import ADAPTER, TaskContext
+from saefd_ray.observe.monitor import TaskMonitor
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
 
 ROW_FILE = "row.json"
@@ -107,12 +108,18 @@ def train_task(loop: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"task {tasks[task_index].name!r}: too few examples for batch size and {world} workers")
     engine = create_engine(model, config, max(1, epochs * steps_per_epoch // config.training.grad_accum))
+    monitor = TaskMonitor(loop.get("observe"), config, rank, epochs * steps_per_epoch)
+    names = [t.name for t in tasks]
 
     base_row = None
     if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
-        base_row = score_row(engine.module, tokenizer, tasks, config, device)
+        base_row = score_row(engine.module, tokenizer, tasks, config, device,
+                             on_task=lambda done, n: monitor.scoring(done, n, "base model"))
 
     start_epoch, start_step = _restore(engine, method)
+    monitor.start(start_epoch * steps_per_epoch + start_step)
+    if base_row is not None:
+        monitor.scores(names, base_row, at_start=True)
     restored = (start_epoch, start_step) != (0, 0)
     kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
     step_time, losses = [], []
@@ -136,16 +143,21 @@ def train_task(loop: dict) -> None:
             engine.step()
             step_time.append(time.perf_counter() - began)
             losses.append(float(task_loss.detach()))
+            monitor.step(epoch * steps_per_epoch + step + 1, float(_mean_all_reduce(task_loss.detach().float())), logs,
+                         engine.get_lr()[0], engine.get_global_grad_norm(), step_time[-1])
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
             if kill_at == (task_index, epoch, step + 1, rank) and not restored:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill or a lost node would be
-        if rank == 0 and losses:
+        if rank == 0 and losses:  # in the Ray worker log; the driver's console shows the progress bar instead
             print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(batches):]):.4f}")
 
     method.after_task(engine.module, ctx)
-    row = method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device), base_row, ctx)
+    row = method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, on_task=monitor.scoring),
+                            base_row, ctx)
+    monitor.scores(names, row)
+    monitor.close()
     adapter = trainable_state(engine.module, config.distributed.zero_stage)
     metrics = {
         "row": row,
@@ -154,6 +166,7 @@ def train_task(loop: dict) -> None:
         "first_loss": float(losses[0]) if losses else None,
         "median_step_s": float(np.median(step_time)) if step_time else None,
         "steps": len(losses),
+        "planned_steps": epochs * steps_per_epoch,  # the driver's TensorBoard step offset of the next task
         "resumed_from": [start_epoch, start_step] if restored else None,  # set after a worker-group restart
     }
     checkpoint = None
