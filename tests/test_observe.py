@@ -117,7 +117,7 @@ def test_quiet_console_silences_libraries_at_their_source(monkeypatch):
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
     try:
         console.configure(False)
-        assert console.ray_init_options() == {"log_to_driver": False, "logging_level": logging.WARNING}
+        assert console.ray_init_options() == {"log_to_driver": False, "logging_level": logging.ERROR}
         assert logging.getLogger("deepspeed").level == logging.ERROR
         assert logging.getLogger("ray.train").level == logging.ERROR
         console.configure(True)

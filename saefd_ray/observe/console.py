@@ -1,7 +1,7 @@
 """The driver's console: third-party noise silenced at its source, and one live progress bar per stage.
 
 Quiet (the default) means: Ray starts with `log_to_driver=False` (workers' and actors' stdout stays in the Ray
-session's log files, /tmp/ray/session_latest/logs) and `logging_level=WARNING`; Ray Train / Tune / Data,
+session's log files, /tmp/ray/session_latest/logs) and `logging_level=ERROR`; Ray Train / Tune / Data,
 DeepSpeed and transformers log at WARNING or above; Ray Data draws no progress bars. Errors still reach the user:
 a failed worker's exception is re-raised by `trainer.fit()` on the driver. `--verbose` leaves every library at its
 own defaults and forwards all worker output, as before.
@@ -64,7 +64,8 @@ def ray_init_options() -> dict[str, Any]:
     """Extra `ray.init` keyword arguments for the current verbosity."""
     if verbose():
         return {}
-    return {"log_to_driver": False, "logging_level": logging.WARNING}
+    # ERROR: Ray's start-up notices (dashboard, token-auth default) are logged as warnings a user cannot act on
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
 def _stats(fields: dict) -> str:

@@ -127,6 +127,9 @@ def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.stream.sharded import PROGRESS, latest_checkpoint
     from saefd_ray.errors import ConfigError
 
+    from saefd_ray.train.deepspeed_setup import select_accelerator
+
+    select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, don't let it guess
     run_dir = prepare_run_dir(config)
     train, held = load_instances(config)
     model_path = resolve_model_path(config.model, tokenizer_texts(config))

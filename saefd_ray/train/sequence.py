@@ -22,6 +22,7 @@ from saefd_ray.errors import CheckpointError, NonFiniteLossError, UserError
 from saefd_ray.io import atomic_write_text, sha256_file
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
+from saefd_ray.train.deepspeed_setup import select_accelerator
 from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
 
 CONFIG_FILE = "config.json"
@@ -170,6 +171,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     from saefd_ray.models.loading import load_tokenizer
 
     started = time.time()
+    select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, not let it guess
     tasks = load_tasks(config)  # every input is checked before anything is written or any worker starts
     method = build_method(config)
     model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
