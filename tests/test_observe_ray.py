@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def planned_steps(run_dir: Path, names: list[str]) -> list[int]:
-    return [json.loads((task_dir(run_dir, i, n) / "row.json").read_text())["planned_steps"] for i, n in enumerate(names)]
+    rows = [json.loads((task_dir(run_dir, i, n) / "row.json").read_text()) for i, n in enumerate(names)]
+    return [row["planned_steps"] for row in rows]
 
 
 def check_events_and_figures(run_dir: Path, results: dict) -> dict:

@@ -2,10 +2,11 @@
 
 Only rank 0 writes (every other rank gets an inactive monitor whose methods do nothing). Event files go under
 `<run_dir>/tb/` (the absolute path comes from the driver), the folder `tensorboard --logdir` reads; like the SAE
-checkpoints, that assumes the run folder is on storage the workers see (local runs, NFS; see docs/cluster.md). The x axis of task training is the global
-optimizer step over the whole sequence (`step_offset` = steps of the earlier tasks), so one chart shows every
-task with its boundaries. A restarted worker group opens its writer with `purge_step` = the first step it redoes:
-TensorBoard then drops the events the lost attempt wrote from that step on, so no curve doubles back.
+checkpoints, that assumes the run folder is on storage the workers see (local runs, NFS; see docs/cluster.md).
+The x axis of task training is the global optimizer step over the whole sequence (`step_offset` = steps of the
+earlier tasks), so one chart shows every task with its boundaries. A restarted worker group opens its writer with
+`purge_step` = the first step it redoes: TensorBoard then drops the events the lost attempt wrote from that step
+on, so no curve doubles back.
 
 Scalar tags (all per optimizer step unless noted):
     train/loss        task loss (mean over ranks)          train/lr, train/grad_norm, train/step_s
