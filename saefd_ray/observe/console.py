@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 ENV = "SAEFD_VERBOSE"
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "deepspeed", "DeepSpeed", "transformers",
-                 "torch.distributed", "filelock", "urllib3")
+                 "torch.distributed", "filelock", "urllib3", "absl")  # absl: rouge_score's "Using default tokenizer."
 
 
 def verbose() -> bool:

@@ -35,6 +35,7 @@ class Monitor:
         self.channel = channel if active else None
         self.writer = None
         self._last_push = 0.0
+        self._last_ref = None
         if purge_step is not None:
             self.open(purge_step)
 
@@ -59,9 +60,19 @@ class Monitor:
         now = time.monotonic()
         if force or now - self._last_push >= PUSH_EVERY_S:
             self._last_push = now
-            self.channel.push.remote(record)  # fire-and-forget: training never waits for the driver
+            self._last_ref = self.channel.push.remote(record)  # fire-and-forget: training never waits for it
 
     def close(self) -> None:
+        """Flush the events, and wait (briefly) until the driver's channel holds every record pushed: a worker
+        that exits right after its last push could otherwise take the final progress state with it."""
+        if self._last_ref is not None:
+            import ray
+
+            try:  # calls from one caller run in order: the last one done means all are
+                ray.get(self._last_ref, timeout=10)
+            except Exception:  # progress display only; never fail training over it
+                pass
+            self._last_ref = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
