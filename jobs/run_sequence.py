@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 
 from saefd_ray.config import load_config  # noqa: E402
 from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,12 +25,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="run config YAML (default: configs/demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.epochs=2 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's and worker's output instead of the progress bars")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    configure_console(args.verbose)
     config = load_config(args.config, args.overrides)
     from saefd_ray.train.sequence import run_sequence
 

@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 from saefd_ray.stream.config import load_sae_config  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_demo.yaml"
@@ -30,12 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT), help="SAE config YAML (default: configs/sae_demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.tokens=200000 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's and worker's output instead of the progress bars")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    configure_console(args.verbose)
     config = load_sae_config(args.config, args.overrides)
     from saefd_ray.stream.run import train_sae
 

@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,12 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a run-config value of every trial, e.g. --set training.epochs=2 (repeatable)")
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep-file value, e.g. --tune-set search.algorithm=random (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's and worker's output instead of the progress bars")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    configure_console(args.verbose)
     from saefd_ray.tune.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.space, args.tune_overrides)

@@ -30,8 +30,13 @@ def make_results(**extra):
 def test_write_report_files(tmp_path):
     results = make_results(seed=7)
     paths = write_report(tmp_path / "run", results)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["r_matrix.png", "report.md", "results.json"]
-    assert set(paths) == {"results.json", "report.md", "r_matrix.png"}
+    # no tb/ folder: the R matrix and its score lines are the only figures
+    names = ["r_matrix.png", "report.md", "results.json", "score_lines.png"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == names
+    assert set(paths) == set(names)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "![R matrix](r_matrix.png)" in md and "![Scores over the sequence](score_lines.png)" in md
+    assert "loss_curves.png" not in md
 
     assert load_results(tmp_path / "run") == results  # round trip, extra key kept
 

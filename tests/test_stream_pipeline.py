@@ -94,3 +94,15 @@ def test_job_trains_checkpoints_resumes_and_reports(ray_cluster, tmp_path, tiny_
     assert second["source"] == "model"
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 13))  # continued from step 8, no step twice
+
+    # rank 0's TensorBoard events, read with TensorBoard's reader, hold the same per-step metrics as history.jsonl
+    from saefd_ray.observe.tb import read_scalars
+
+    scalars = read_scalars(run_dir / "tb")
+    for key in ("l0", "fvu", "mse", "dead_fraction"):
+        steps, values = zip(*scalars[f"sae/L1/{key}"])
+        assert list(steps) == list(range(1, 13)), key
+        assert list(values) == pytest.approx([h[f"L1/{key}"] for h in history], rel=1e-5, abs=1e-7), key
+    assert [s for s, _ in scalars["sae/tokens_per_s"]] == list(range(1, 13))
+    assert (run_dir / "sae_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "![SAE training: loss, FVU, L0, dead %](sae_curves.png)" in (run_dir / "sae_report.md").read_text()

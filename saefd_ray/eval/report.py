@@ -1,4 +1,5 @@
-"""The run's report: `results.json` (machine-readable, read back on resume), `report.md` and `r_matrix.png`.
+"""The run's report: `results.json` (machine-readable, read back on resume), `report.md`, `r_matrix.png` and the
+curves of eval/plots.py (score lines; task loss and SAE-FD's λ / share from the run's TensorBoard events).
 
 Every file is written atomically (`saefd_ray.io`), so a run killed mid-report never leaves a half-written
 results.json for resume to choke on. The heatmap uses a bare Agg canvas rather than pyplot, so no global backend is
@@ -29,6 +30,8 @@ from saefd_ray.io import atomic_write_bytes
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 R_MATRIX_PNG = "r_matrix.png"
+FIGURES = {"r_matrix.png": "R matrix", "score_lines.png": "Scores over the sequence",
+           "loss_curves.png": "Task loss per task", "lambda_share.png": "SAE-FD λ and realized share"}
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -74,8 +77,9 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """report.md: header, R matrix, summary, per-task forgetting, timings, config. Scores with 1 decimal."""
+def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
+    """report.md: header, R matrix, figures (links to the PNGs named in `figures`), summary, per-task forgetting,
+    timings, config. Scores with 1 decimal."""
     tasks = list(results["tasks"])
     summary = results.get("summary") or {}
     out = [f"# Run report: {results.get('method', '?')}", "", f"- method: `{results.get('method', '?')}`"]
@@ -85,6 +89,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             ""]
     body = [[label] + [_fmt(v) for v in row] for label, row in zip(row_labels(results), results["r_matrix"])]
     out += _md_table(["", *tasks], body) + [""]
+    if figures:
+        out += ["## Figures", "", "Per-step curves of every scalar: `tensorboard --logdir tb` in this folder.", ""]
+        out += [f"![{FIGURES.get(name, name)}]({name})" for name in figures] + [""]
 
     out += ["## Summary", ""] + _md_table(["metric", "value"], _summary_rows(summary)) + [""]
 
@@ -148,12 +155,26 @@ def write_report(run_dir: str | Path, results: Mapping[str, Any]) -> dict[str, P
     JSON values that are not JSON types (e.g. Path) are stored as strings.
     """
     run_dir = Path(run_dir)
+    figures = {R_MATRIX_PNG: render_heatmap(results), **curve_figures(run_dir, results)}
     payload = {
         RESULTS_JSON: json.dumps(results, indent=2, default=str).encode(),
-        REPORT_MD: render_markdown(results).encode(),
-        R_MATRIX_PNG: render_heatmap(results),
+        REPORT_MD: render_markdown(results, list(figures)).encode(),
+        **figures,
     }
     return {name: atomic_write_bytes(run_dir / name, data) for name, data in payload.items()}
+
+
+def curve_figures(run_dir: Path, results: Mapping[str, Any]) -> dict[str, bytes]:
+    """Score lines always; task loss and λ / share when the run's `tb/` events hold them."""
+    from saefd_ray.eval.plots import lambda_share, score_lines, training_curves
+    from saefd_ray.observe.tb import read_scalars
+
+    scalars = read_scalars(run_dir / "tb")
+    stages = [label.removeprefix("after ") for label in row_labels(results)[1:]]
+    rho = ((results.get("config") or {}).get("method") or {}).get("rho")
+    found = {"score_lines.png": score_lines(results), "loss_curves.png": training_curves(scalars, stages),
+             "lambda_share.png": lambda_share(scalars, rho)}
+    return {name: png for name, png in found.items() if png is not None}
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:

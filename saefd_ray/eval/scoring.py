@@ -128,9 +128,13 @@ def score_task(model, tokenizer, task: Task, cfg, device, split: str = "test") -
     return score(task.metric, ordered, references, sources=sources)
 
 
-def score_row(model, tokenizer, tasks: list[Task], cfg, device, split: str = "test") -> list[float]:
-    """One R-matrix row: every task's score on its `split`."""
+def score_row(model, tokenizer, tasks: list[Task], cfg, device, split: str = "test", on_task=None) -> list[float]:
+    """One R-matrix row: every task's score on its `split`; `on_task(done, total)` after each task (progress)."""
     model.eval()
-    row = [score_task(model, tokenizer, task, cfg, device, split) for task in tasks]
+    row = []
+    for task in tasks:
+        row.append(score_task(model, tokenizer, task, cfg, device, split))
+        if on_task is not None:
+            on_task(len(row), len(tasks))
     model.train()
     return row

@@ -3,6 +3,7 @@
 Held-out instances are rendered and run exactly as in training (per instance, truncated at max_len); per layer the
 report has FAST's eq.-7 MSE (all tokens and special tokens only), FVU, L0, the dead fraction on the eval tokens and
 in training (no firing within `dead_window_tokens`), and CE-loss recovered / KL with the SAE spliced into the model.
+`sae_curves.png` draws the training curves from history.jsonl (per-step scalars are also in `tb/` for TensorBoard).
 """
 
 from __future__ import annotations
@@ -118,8 +119,25 @@ def describe_schedule(used: dict) -> str:
     return line
 
 
+CURVES_PNG = "sae_curves.png"
+
+
+def write_curves(run_dir: Path, layers: list[int]) -> Path | None:
+    """sae_curves.png (loss, FVU, L0, dead % against tokens) from the run's history.jsonl, if it has one."""
+    from saefd_ray.eval.plots import sae_curves
+    from saefd_ray.io import atomic_write_bytes
+
+    path = run_dir / "history.jsonl"
+    if not path.is_file():
+        return None
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    png = sae_curves(history, layers)
+    return atomic_write_bytes(run_dir / CURVES_PNG, png) if png is not None else None
+
+
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     json_path = atomic_write_text(run_dir / "sae_report.json", json.dumps(report, indent=2, default=str))
+    curves = write_curves(run_dir, [int(layer) for layer in report["eval"]["layers"]])
     lines = [f"# SAE report: {report.get('run_name', run_dir.name)}", ""]
     tr = report.get("training", {})
     lines += [f"- model: `{report.get('model')}`; architecture {report.get('architecture')}, "
@@ -139,6 +157,9 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         lines.append(f"| {layer} | {_fmt(m['fvu'])} | {_fmt(m['l0'])} | {_fmt(dead_t)} | "
                      f"{_fmt(100 * m['dead_fraction_eval'])} | {_fmt(m['log2_mse'])} | "
                      f"{_fmt(m['log2_mse_special'])} | {_fmt(m['ce_loss_recovered'])} |")
+    if curves is not None:
+        lines += ["", "## Training curves", "", "Every step's scalars: `tensorboard --logdir tb` in this folder.", "",
+                  f"![SAE training: loss, FVU, L0, dead %]({CURVES_PNG})"]
     md_path = atomic_write_text(run_dir / "sae_report.md", "\n".join(lines) + "\n")
     return json_path, md_path
 

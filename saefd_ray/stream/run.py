@@ -95,7 +95,9 @@ def init_ray(config: SaeTrainConfig) -> None:
         return
     d, data = config.distributed, config.data
     need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False)
+    from saefd_ray.observe.console import ray_init_options
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False, **ray_init_options())
 
 
 def model_dims(model_path: str) -> tuple[int, int]:
@@ -106,7 +108,8 @@ def model_dims(model_path: str) -> tuple[int, int]:
 
 
 def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir: Path, resume: Path | None = None,
-        deterministic: bool = False, chunk_rows: int = 1024, model_name: str | None = None) -> dict:
+        deterministic: bool = False, chunk_rows: int = 1024, model_name: str | None = None,
+        observe: dict | None = None) -> dict:
     """One Ray Train run of the sharded SAE trainer over the activation-row `dataset`.
 
     `deterministic`: the dataset is not split; every worker reads it whole, in order, and keeps every world-th
@@ -127,7 +130,8 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "d_in": d_in, "n_instances": n_instances,
                            "run_dir": str(run_dir), "resume": str(resume) if resume else None,
-                           "chunk_rows": chunk_rows, "deterministic": deterministic, "model_name": model_name},
+                           "chunk_rows": chunk_rows, "deterministic": deterministic, "model_name": model_name,
+                           "observe": observe or {"tb_dir": str(run_dir / "tb")}},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         datasets={"train": dataset},
@@ -155,7 +159,9 @@ def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.errors import ConfigError
 
     from saefd_ray.preflight import check_sae_run
+    from saefd_ray.train.deepspeed_setup import select_accelerator
 
+    select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, don't let it guess
     train, held = load_instances(config)  # every input is checked before anything is written or Ray starts
     model_path = resolve_model_path(config.model, tokenizer_texts(config))
     d_in, n_layers = model_dims(model_path)
@@ -183,8 +189,13 @@ def train_sae(config: SaeTrainConfig) -> dict:
 
         skip = set(np.flatnonzero(np.load(resume / CONSUMED)).tolist()) if resume else set()
         dataset, source = activation_dataset(config, model_path, train, skip=skip)
-        fit_metrics = fit(config, dataset, d_in=d_in, n_instances=1 + max(i["instance_id"] for i in train),
-                          run_dir=run_dir, resume=resume, model_name=model_path)
+        from saefd_ray.observe.console import StageProgress, verbose
+
+        stage = f"[sae] training {config.sae.architecture} SAE on layers {config.layers}"
+        with StageProgress(stage, enabled=not verbose()) as bar:
+            fit_metrics = fit(config, dataset, d_in=d_in, n_instances=1 + max(i["instance_id"] for i in train),
+                              run_dir=run_dir, resume=resume, model_name=model_path,
+                              observe={"tb_dir": str(run_dir / "tb"), "progress": bar.channel})
         fit_metrics.update(source=source, skipped_instances=len(skip))
         resume = latest_checkpoint(run_dir)
         progress = json.loads((resume / PROGRESS).read_text())
@@ -207,5 +218,5 @@ def train_sae(config: SaeTrainConfig) -> dict:
     for layer, m in evaluation["layers"].items():
         print(f"[sae] layer {layer}: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {100 * (m['dead_fraction_train'] or 0):.1f}%"
               f"  log2 MSE special {m['log2_mse_special']}  CE recovered {m['ce_loss_recovered']:.3f}", flush=True)
-    print(f"[sae] report: {run_dir / 'sae_report.md'}", flush=True)
+    print(f"[sae] report: {run_dir / 'sae_report.md'}   curves: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     return report

@@ -160,6 +160,10 @@ def train_loop_per_worker(loop: dict) -> None:
     next_ckpt = (trainers[layers[0]].tokens_seen // every + 1) * every if every else None
     history: list[dict] = []
     began, tokens_at_start = time.perf_counter(), trainers[layers[0]].tokens_seen
+    from saefd_ray.observe.monitor import SaeMonitor
+
+    monitor = SaeMonitor(loop.get("observe"), rank, total_steps, trainers[layers[0]].step_count)
+    last = began
     ran_out, first_step = False, None
     while trainers[layers[0]].tokens_seen < t.tokens:
         batches = {}
@@ -182,6 +186,10 @@ def train_loop_per_worker(loop: dict) -> None:
             first_step = (time.perf_counter(), tr0.tokens_seen)
         history.append({"step": tr0.step_count, "tokens": tr0.tokens_seen,
                         **{f"L{layer}/{k}": v for layer, m in step_metrics.items() for k, v in m.items()}})
+        now = time.perf_counter()
+        monitor.step(tr0.step_count, step_metrics, (tr0.tokens_seen - tokens_at_start) / max(now - began, 1e-9),
+                     now - last)
+        last = now
         if tr0.step_count % t.log_every_steps == 0:
             now = time.perf_counter()
             rate = (tr0.tokens_seen - tokens_at_start) / max(now - began, 1e-9)
@@ -197,6 +205,7 @@ def train_loop_per_worker(loop: dict) -> None:
     tr0 = trainers[layers[0]]
     path = save_distributed_checkpoint(run_dir, trainers, consumed, rank, world, history_tail=history[-1] if
                                        history else None, final=True, ran_out=ran_out)
+    monitor.close()
     if rank == 0:
         write_history(run_dir, history, loop.get("resume") is not None)
     sinks = int(all_reduce_(torch.tensor(feeder.sinks_dropped, dtype=torch.int64)))

@@ -24,6 +24,7 @@ from saefd_ray.io import atomic_write_text, sha256_file, tree_digest
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
 from saefd_ray.train.failures import fit_with_retries
+from saefd_ray.train.deepspeed_setup import select_accelerator
 from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
 
 CONFIG_FILE = "config.json"
@@ -122,16 +123,19 @@ def tokenizer_corpus(tasks: list[Task], per_task: int = 200) -> list[str]:
 def init_ray(address: str | None = None) -> None:
     """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray.
 
-    Uploads (working_dir and its excludes) are the submitter's business: see runtime_env.yaml.
+    Uploads (working_dir and its excludes) are the submitter's business: see runtime_env.yaml. Quiet unless
+    --verbose (saefd_ray.observe.console).
     """
     import ray
 
+    from saefd_ray.observe.console import ray_init_options
+
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **ray_init_options())
 
 
 def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
-             examples, score_base: bool) -> Path:
+             examples, score_base: bool, observe: dict | None = None) -> Path:
     """Train task `index` on Ray Train; returns the local folder of its reported checkpoint."""
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -150,6 +154,7 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
                 "state_in": str(state_in) if state_in else None,
                 "train_examples": examples,
                 "score_base": score_base,
+                "observe": observe,  # TensorBoard folder, progress channel, step offset (saefd_ray.observe.monitor)
                 # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of
                 # the rank: the worker on that node): SIGKILL that worker once.
                 "kill_at": [int(x) if x.isdigit() else x for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
@@ -174,14 +179,17 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
     return Path(result.checkpoint.path)
 
 
-def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None) -> dict:
+def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None,
+                 progress: bool = True) -> dict:
     """Train every task in order (resuming after the last finished one) and write the report.
 
     Every stage scores each task's validation and test splits. `on_task_end(index, rows)`, if given, is called after
     every stage (also one finished earlier and only loaded) with the 0-based stage index and the **validation**
     R-matrix rows so far (base row first): Tune trials report from it, so nothing is ever chosen on test.
     results.json holds both matrices: `r_matrix` (test, the report) and `r_matrix_validation`.
+    `progress`: live progress bars on the console (off in --verbose mode and in Tune trials).
     """
+    from saefd_ray.observe.console import StageProgress, verbose
     from saefd_ray.eval.report import print_r_matrix, write_report
     from saefd_ray.eval.summary import summarize
 
@@ -189,6 +197,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     from saefd_ray.preflight import check_run
 
     started = time.time()
+    select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, not let it guess
     tasks = load_tasks(config)  # every input is checked before anything is written or any worker starts
     method = build_method(config)
     model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
@@ -204,6 +213,8 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     rows_validation: list[list[float]] = []  # validation: what selection reads
     timings: dict[str, float] = {}
     state_in: Path | None = None
+    step_offset = 0  # optimizer steps of the earlier stages: the TensorBoard x axis runs over the whole sequence
+    show = progress and not verbose()
     for index in stages:
         label = "all" if method.joint_training else names[index]
         folder = task_dir(run_dir, index, label)
@@ -212,11 +223,17 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         else:
             began = time.time()
             examples = method.training_examples(index, tasks, state_in)
-            print(f"task {index + 1}/{len(tasks)} {label}: training on {len(examples)} examples")
-            checkpoint = run_task(config, index, tasks, model_path, state_in, examples, score_base=index == 0)
+            stage = f"task {index + 1}/{len(tasks)} {label}: training on {len(examples)} examples"
+            if not show:
+                print(stage, flush=True)
+            with StageProgress(stage, enabled=show) as bar:
+                observe = {"tb_dir": str(run_dir / "tb"), "progress": bar.channel, "step_offset": step_offset}
+                checkpoint = run_task(config, index, tasks, model_path, state_in, examples, score_base=index == 0,
+                                      observe=observe)
             publish(checkpoint, folder)
             timings[f"task_{label}_s"] = round(time.time() - began, 2)
         metrics = json.loads((folder / ROW_FILE).read_text())
+        step_offset += metrics.get("planned_steps") or metrics.get("steps") or 0
         if index == 0:
             rows.append(metrics["base_row"])
             rows_validation.append(metrics["base_row_validation"])
@@ -240,5 +257,5 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     }
     write_report(run_dir, results)
     print_r_matrix(results)
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"report: {run_dir / 'report.md'}   curves: tensorboard --logdir {run_dir / 'tb'}")
     return results

@@ -25,6 +25,7 @@ from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode, shard_batches
 from saefd_ray.data.tasks import Task
 from saefd_ray.methods.base import ADAPTER, TaskContext
+from saefd_ray.observe.monitor import TaskMonitor
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
 
 ROW_FILE = "row.json"
@@ -90,12 +91,19 @@ def train_task(loop: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"task {tasks[task_index].name!r}: too few examples for batch size and {world} workers")
     engine = create_engine(model, config, max(1, epochs * steps_per_epoch // config.training.grad_accum))
+    monitor = TaskMonitor(loop.get("observe"), config, rank, epochs * steps_per_epoch)
+    names = [t.name for t in tasks]
 
     base_rows = dict.fromkeys(SPLITS)
     if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
-        base_rows = {split: score_row(engine.module, tokenizer, tasks, config, device, split) for split in SPLITS}
+        base_rows = {split: score_row(engine.module, tokenizer, tasks, config, device, split,
+                                      on_task=lambda done, n, s=split: monitor.scoring(done, n, s))
+                     for split in SPLITS}
 
     start_epoch, start_step = _restore(engine, method)
+    monitor.start(start_epoch * steps_per_epoch + start_step)
+    if base_rows["test"] is not None:
+        monitor.scores(names, base_rows["test"], at_start=True)
     restored = (start_epoch, start_step) != (0, 0)
     kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
     who = (rank, ray.get_runtime_context().get_node_id())  # a kill names a rank, or a node by its id
@@ -121,6 +129,8 @@ def train_task(loop: dict) -> None:
             engine.step()
             step_time.append(time.perf_counter() - began)
             losses.append(float(task_loss.detach()))
+            monitor.step(epoch * steps_per_epoch + step + 1, float(_mean_all_reduce(task_loss.detach().float())), logs,
+                         engine.get_lr()[0], engine.get_global_grad_norm(), step_time[-1])
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
@@ -128,12 +138,15 @@ def train_task(loop: dict) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill or a lost node would be
         if len(losses) > epoch_start:
             epoch_losses.append(float(np.mean(losses[epoch_start:])))
-            if rank == 0:
+            if rank == 0:  # in the Ray worker log; the driver's console shows the progress bar instead
                 print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f}")
 
     method.after_task(engine.module, ctx)
-    rows = {split: method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, split),
+    rows = {split: method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, split,
+                                               on_task=lambda done, n, s=split: monitor.scoring(done, n, s)),
                                      base_rows[split], ctx, split) for split in SPLITS}
+    monitor.scores(names, rows["test"])
+    monitor.close()
     adapter = trainable_state(engine.module, config.distributed.zero_stage)
     metrics = {
         "row": rows["test"],  # the report's R matrix
@@ -145,6 +158,7 @@ def train_task(loop: dict) -> None:
         "epoch_losses": epoch_losses,  # rank 0's mean task loss per epoch (this process's steps, after a resume)
         "median_step_s": float(np.median(step_time)) if step_time else None,
         "steps": len(losses),
+        "planned_steps": epochs * steps_per_epoch,  # the driver's TensorBoard step offset of the next task
         "resumed_from": [start_epoch, start_step] if restored else None,  # set after a worker-group restart
     }
     checkpoint = None

@@ -5,6 +5,7 @@
 - `best.yaml`: the best completed trial's run config (base config + its values), ready for
   `python jobs/run_sequence.py --config best.yaml` (its output goes to `runs/<sweep name>-best`).
 - `aa_vs_params.png`: AA against ρ, anchor size and β (whichever were swept; otherwise every numeric parameter).
+- `objective_rho_anchor.png`: the objective (HEATMAP_OBJECTIVE) on the ρ × anchor-size grid, when both were swept.
 
 Ranking: completed trials by AA, ties broken by BWT (exact comparison, not the 1e-4 blend Tune optimises), then
 the unfinished ones by running AA. Every AA, BWT, FWT and running AA here is on the validation splits (what the
@@ -24,6 +25,7 @@ from saefd_ray.config import apply_overrides, validate
 
 PLOT_FIRST = ("method.rho", "method.anchor_size", "method.beta")
 LABELS = {"method.rho": "ρ (contribution ratio)", "method.anchor_size": "anchor-set size", "method.beta": "β"}
+HEATMAP_OBJECTIVE = "aa"  # the trials-table column the sweep selects on (point it at the validation objective)
 METRICS = ("status", "tasks_done", "aa", "bwt", "fwt", "running_aa", "time_s")
 
 
@@ -156,6 +158,15 @@ def plot_params(rows: list[dict[str, Any]], space: dict[str, dict], folder: Path
     return path
 
 
+def write_heatmap(rows: list[dict[str, Any]], folder: Path) -> Path | None:
+    """objective_rho_anchor.png: HEATMAP_OBJECTIVE over ρ × anchor size (None unless both were swept)."""
+    from saefd_ray.eval.plots import objective_heatmap
+    from saefd_ray.io import atomic_write_bytes
+
+    png = objective_heatmap(rows, HEATMAP_OBJECTIVE)
+    return atomic_write_bytes(folder / "objective_rho_anchor.png", png) if png is not None else None
+
+
 def write_results(grid, sweep, base_raw: dict, folder: Path) -> dict[str, Any]:
     """Table, best config and plot of a ResultGrid; returns a JSON-ready summary."""
     params = list(sweep.space)
@@ -168,13 +179,15 @@ def write_results(grid, sweep, base_raw: dict, folder: Path) -> dict[str, Any]:
         best_path = write_best(best_config(base_raw, best, params, sweep.output.name), best, params,
                                sweep.output.name, folder)
     plot = plot_params(rows, sweep.space, folder)
+    heatmap = write_heatmap(rows, folder)
     summary = {
         "experiment_dir": str(folder),
         "num_trials": len(rows),
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")},
         "best": best,
         "files": {"table_csv": str(csv_path), "table_md": str(md_path),
-                  "best_config": str(best_path) if best_path else None, "plot": str(plot) if plot else None},
+                  "best_config": str(best_path) if best_path else None, "plot": str(plot) if plot else None,
+                  "heatmap": str(heatmap) if heatmap else None},
     }
     print(md_path.read_text(), flush=True)
     if best is not None:

@@ -326,7 +326,7 @@ def run_trial(params: dict[str, Any], base_raw: dict, runs_root: str) -> None:
         if not (joint or index == len(names) - 1):  # the last report waits for the run's report files: ASHA
             report(index, rows)                     # stops a trial at max_t as soon as it reports
 
-    results = run_sequence(config, on_task_end=after_task)
+    results = run_sequence(config, on_task_end=after_task, progress=False)
     report(0 if joint else len(names) - 1, selection_rows(results), final=True)
 
 
@@ -355,12 +355,14 @@ def init_ray_for_sweep(run_raw: dict) -> None:
 
 
 def run_sweep(sweep: SweepConfig, config_path: str | None = None, overrides: list[str] | None = None,
-              verbose: int = 1) -> dict:
+              verbose: int | None = None) -> dict:
     """Run (or resume) the sweep and write its results; returns the summary (see results.write_results)."""
     import ray
     from ray import tune
 
     from saefd_ray.methods import METHODS
+    from saefd_ray.observe.console import verbose as verbose_console
+    from saefd_ray.tune.console import TrialLines
     from saefd_ray.tune.results import write_results
 
     base_raw = base_raw_config(sweep, config_path, overrides)
@@ -383,6 +385,9 @@ def run_sweep(sweep: SweepConfig, config_path: str | None = None, overrides: lis
         tune.with_parameters(run_trial, base_raw=base_raw, runs_root=str(exp_dir / "runs")),
         tune.PlacementGroupFactory([driver_bundle(sweep)]),
     )
+    if verbose is None:  # quiet console: our one line per trial report instead of Tune's tables
+        verbose = 1 if verbose_console() else 0
+    callbacks = [] if verbose else [TrialLines(stages)]
     restored = tune.Tuner.can_restore(str(exp_dir))
     began = time.time()
     if restored:
@@ -401,7 +406,7 @@ def run_sweep(sweep: SweepConfig, config_path: str | None = None, overrides: lis
                 num_samples=sweep.search.num_samples, max_concurrent_trials=max_concurrent,
             ),
             run_config=tune.RunConfig(
-                name=sweep.output.name, storage_path=str(exp_dir.parent), verbose=verbose,
+                name=sweep.output.name, storage_path=str(exp_dir.parent), verbose=verbose, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
             ),
         )
