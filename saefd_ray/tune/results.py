@@ -25,7 +25,7 @@ from saefd_ray.config import apply_overrides, validate
 
 PLOT_FIRST = ("method.rho", "method.anchor_size", "method.beta")
 LABELS = {"method.rho": "ρ (contribution ratio)", "method.anchor_size": "anchor-set size", "method.beta": "β"}
-HEATMAP_OBJECTIVE = "aa"  # the trials-table column the sweep selects on (point it at the validation objective)
+HEATMAP_OBJECTIVE = "aa"  # validation AA: what the trials report and the sweep selects on
 METRICS = ("status", "tasks_done", "aa", "bwt", "fwt", "running_aa", "time_s")
 
 
