@@ -47,11 +47,11 @@ def workspace(tmp_path, cache_dir):
     (cl / "labels.json").write_text(json.dumps(["World", "Sports"]))
     (tmp_path / "data" / "cl" / "instruction_config.json").write_text(json.dumps({"TC": [{"instruction": "Topic?\n"}]}))
     good = [{"sentence": "goal scored", "label": "Sports"}, {"sentence": "election", "label": "World"}]
-    for split in ("train", "test"):
+    for split in ("train", "dev", "test"):  # each has its own validation split, as the real datasets do
         (cl / f"{split}.json").write_text(json.dumps(good))
     trace = tmp_path / "data" / "T"
     trace.mkdir()
-    for split in ("train", "test"):
+    for split in ("train", "eval", "test"):
         (trace / f"{split}.json").write_text(json.dumps([{"prompt": "2+2=", "answer": "4"}]))
     base = [f"tasks.data_root={tmp_path / 'data'}", f"output.root={tmp_path / 'runs'}", f"model.cache_dir={cache_dir}",
             "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
