@@ -23,12 +23,12 @@ from saefd_ray.errors import exit_on_user_error  # noqa: E402
 from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 from saefd_ray.stream.config import load_sae_config  # noqa: E402
 
-DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_demo.yaml"
+DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_offline.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT), help="SAE config YAML (default: configs/sae_demo.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT), help="SAE config YAML (default: configs/sae_offline.yaml, offline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.tokens=200000 (repeatable)")
     parser.add_argument("--verbose", action="store_true",

@@ -186,6 +186,11 @@ class OutputConfig(Strict):
     root: str = "runs"
     run_name: str = "demo"
 
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return plain_run_name(value)
+
 
 class MethodBase(Strict):
     pass
@@ -344,6 +349,13 @@ class RunConfig(Strict):
         if not path.is_absolute() and self.tasks.data_root:
             path = Path(self.tasks.data_root).expanduser() / path
         return path.resolve()
+
+
+def plain_run_name(value: str) -> str:
+    """A run name is one folder under output.root: never a path that leaves it."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise ValueError(f"run_name must be a plain folder name (no '/', not '.' or '..'), got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -112,6 +112,8 @@ CASES = [
     ("options identical after truncation", {},
      [CL_TASK, "training.max_answer_len=1", "training.batch_size=1", "distributed.num_workers=1"],
      "options 'World' and 'Sports' become the same 1 tokens"),
+    ("run name leaving output.root", {}, ["output.run_name=../../etc"],
+     "output.run_name: run_name must be a plain folder name (no '/', not '.' or '..'), got '../../etc'"),
     ("all references empty",
      {"T/test.json": json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": " "}])},
      [TRACE_TASK], "test.json: every record's 'answer' is empty"),

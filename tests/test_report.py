@@ -111,3 +111,32 @@ def test_results_json_is_plain_json(tmp_path):
     write_report(tmp_path, make_results())
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["summary"]["bwt"] == pytest.approx(-12.5) and data["r_matrix"][0] == [99.0, 20.0, 30.0]
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp creates 0600 files; a report, config or checkpoint must be readable as a plain write would leave it."""
+    import os
+
+    from saefd_ray.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_rerun_keeps_the_timings_of_earlier_calls(tmp_path):
+    """A re-run of a finished sequence rewrites results.json; what earlier calls measured must survive it."""
+    import json
+
+    from saefd_ray.train.sequence import _earlier_timings
+
+    assert _earlier_timings(tmp_path) == []
+    first = {"total_s": 1050.0, "task_a_s": 500.0, "task_b_s": 520.0}
+    (tmp_path / "results.json").write_text(json.dumps({"timings": first}))
+    assert _earlier_timings(tmp_path) == [first]
+    (tmp_path / "results.json").write_text(json.dumps({"timings": {"total_s": 30.0},
+                                                       "timings_earlier_calls": [first]}))
+    assert _earlier_timings(tmp_path) == [{"total_s": 30.0}, first]

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from saefd_ray.config import ModelConfig, Strict, TaskConfig, apply_overrides, read_yaml, validate
+from saefd_ray.config import ModelConfig, Strict, TaskConfig, apply_overrides, plain_run_name, read_yaml, validate
 from saefd_ray.errors import ConfigError
 
 SAE_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
@@ -115,6 +115,11 @@ class SaeDistributedConfig(Strict):
 class SaeOutputConfig(Strict):
     root: str = "runs"
     run_name: str = "sae_demo"
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return plain_run_name(value)
 
 
 class SaeTrainConfig(Strict):

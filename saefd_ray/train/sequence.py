@@ -179,6 +179,15 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
     return Path(result.checkpoint.path)
 
 
+def _earlier_timings(run_dir: Path) -> list[dict]:
+    """The timings of every earlier call on this run dir, newest first, from the results.json it wrote."""
+    try:
+        previous = json.loads((run_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [previous.get("timings", {}), *previous.get("timings_earlier_calls", [])]
+
+
 def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]]], None] | None = None,
                  progress: bool = True) -> dict:
     """Train every task in order (resuming after the last finished one) and write the report.
@@ -252,7 +261,8 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         "r_matrix_validation": rows_validation,
         "summary_validation": summarize(rows_validation, names),
         "validation": {t.name: {"source": t.validation_source, "size": len(t.validation)} for t in tasks},
-        "timings": {"total_s": round(time.time() - started, 2), **timings},
+        "timings": {"total_s": round(time.time() - started, 2), **timings},  # this call's
+        "timings_earlier_calls": _earlier_timings(run_dir),  # a resumed or re-run sequence keeps what came before
         "config": config.model_dump(mode="json"),
     }
     write_report(run_dir, results)
