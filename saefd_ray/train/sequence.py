@@ -69,8 +69,8 @@ def prepare_run_dir(config: RunConfig, inputs: dict[str, str] | None = None) -> 
         changed += [key for key in sorted(set(inputs) | set(old_inputs)) if inputs.get(key) != old_inputs.get(key)]
         if changed and finished_tasks(run_dir):
             raise CheckpointError(
-                f"{run_dir}: written by a different {' / '.join(changed)} (changed: {', '.join(changed)}); refusing "
-                f"to resume. Start fresh with --set output.run_name=<new name>, or delete {run_dir}"
+                f"{run_dir}: written by a different {' / '.join(changed)}; refusing to resume. Start fresh with "
+                f"--set output.run_name=<new name>, or delete {run_dir}"
             )
         if changed:
             print(f"{run_dir}: no finished task; starting it over with the new {', '.join(changed)}")
