@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def _loop(cfg: dict) -> None:
         folder = Path(tempfile.mkdtemp())
         (folder / "position.txt").write_text("step 3")
         ray.train.report({"step": 3}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        # the controller collects reports by polling the workers; a kill right after report() can beat the poll and
+        # lose the checkpoint (a worker in training dies steps after its last checkpoint). Give the poll time.
+        time.sleep(10)
         os.kill(os.getpid(), signal.SIGKILL)  # a lost worker, as an OOM kill or a preempted node
     checkpoint = ray.train.get_checkpoint()
     restored = None
