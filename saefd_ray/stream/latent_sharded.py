@@ -161,7 +161,9 @@ class LatentShardedTrainer(ShardedTrainerBase):
         self._init_b_dec(local, fill)
         res = inner.loss_and_metrics(x)
         metrics = dict(res.metrics)
-        if self.world > 1 and self.sae.b_dec.grad is not None:
+        if self.world > 1:  # every rank joins: without apply_b_dec_to_input only rank 0's b_dec has a gradient
+            if self.sae.b_dec.grad is None:
+                self.sae.b_dec.grad = torch.zeros_like(self.sae.b_dec)
             dist.all_reduce(self.sae.b_dec.grad)
         metrics["l0"] = float(all_reduce_(torch.tensor(metrics["l0"], dtype=torch.float64)))
         if self.clip > 0:
