@@ -1,15 +1,23 @@
-"""The standard CL benchmark (O-LoRA's dbpedia / amazon / yahoo→yelp / agnews) for every method, on the CPU base.
+"""The standard CL benchmark (O-LoRA's dbpedia / amazon / yahoo→yelp / agnews) for every method.
 
+    python bench/cl_replication.py --model smollm2    # issue 18: SmolLM2-135M-Instruct + its FAST Gated SAE
     python bench/cl_replication.py --budget smoke     # minutes: 2 tasks, 64 examples, 3 methods (a does-it-run check)
     python bench/cl_replication.py --budget small     # <= 60 min on 2 cores after the base: order 1, every method
     python bench/cl_replication.py --budget full      # the three O-LoRA orders, 1000 / 500 examples per task
     python bench/cl_replication.py --budget small --methods seq_lora,sae_fd --orders 1,2
 
 Budgets, method hyperparameters and the preset (configs/cl4.yaml, whose `tasks.orders` are O-LoRA's three orders)
-live in configs/bench/cl4.yaml. The base model and SAE come from bench/make_base.py (built once, cached). Every
-method × order is one `run_sequence(load_config(...))` in a single Ray session, under
-bench/cache/runs/cl4-<budget>-o<order>-<method>/ (re-running resumes). Output, named by budget:
-bench/results/cl4_<budget>.{json,md} (AA, BWT, FWT per method and order, their mean) and cl4_<budget>_o<order>.png.
+live in configs/bench/cl4.yaml. Every method × order × seed is one `run_sequence(load_config(...))` in a single Ray
+session, under bench/cache/runs/cl4-<budget>-o<order>-<method>-<hash>/: re-running resumes, a finished run is only
+loaded, and the report is rewritten after every run, so a suite cut short keeps its table.
+
+`--model smollm2` (budget `smollm2`): the base is SmolLM2-135M-Instruct and the SAE its FAST Gated SAE from
+`jobs/train_sae.py --config configs/sae_smollm2.yaml` (trained into bench/cache/ unless `--sae-run` names a finished
+train_sae run). The plan, in the order it runs: (1) seq_lora on order 1 at each `lr_candidates` value, the lr with the
+best *validation* AA chosen; (2) the core methods on every order; (3) `order1_methods` on order 1; (4) `seeds` for
+`seed_methods` on every order, `strongest` being the regularizer with the best mean validation AA over orders.
+Output: bench/results/cl4_smollm2.{json,md}, the R-matrix heatmaps and SAE-FD's λ / share figure.
+The bench base (`--model bench`, the default) is bench/make_base.py's toy; its output is cl4_<budget>.{json,md}.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
 from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
+from bench.real_suite import run_real_suite  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
 
@@ -43,7 +52,11 @@ NOTES = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", default="small", help="a budget of the bench config: smoke, small, full")
+    ap.add_argument("--model", choices=["bench", "smollm2"], default="bench",
+                    help="bench: make_base.py's toy base (budgets smoke/small/full); smollm2: the real model")
+    ap.add_argument("--budget", default=None, help="a budget of the bench config (default: small, or smollm2)")
+    ap.add_argument("--sae-run", default=None, help="--model smollm2: a finished jobs/train_sae.py run dir of "
+                    "configs/sae_smollm2.yaml to use instead of training one into bench/cache/")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")
     ap.add_argument("--orders", default=None, help="comma list of order names (default: the budget's)")
@@ -57,11 +70,18 @@ def write(suite: dict, base_s: float, began: float) -> list:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.budget = args.budget or ("smollm2" if args.model == "smollm2" else "small")
     bench_cfg = read_yaml_file(args.config)
     if args.budget not in bench_cfg["budgets"]:
         raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
     budget = bench_cfg["budgets"][args.budget]
+    if (budget.get("model") == "smollm2") != (args.model == "smollm2"):
+        raise SystemExit(f"error: --budget {args.budget}: is for --model {budget.get('model', 'bench')}")
     data_root = resolve_repo_path(args.data_root or bench_cfg["data_root"])
+    if args.model == "smollm2":
+        return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run,
+                              methods=args.methods.split(",") if args.methods else None,
+                              orders=args.orders.split(",") if args.orders else None)
     began = time.time()
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began

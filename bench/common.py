@@ -40,14 +40,26 @@ def read_yaml_file(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------- run configs
 
 
+def run_key(order: str, method: str, seed: int = 0, lr: float | None = None) -> str:
+    """The suite's name of one run: o<order>/<method>, plus /s<seed> for extra seeds and /lr<lr> for lr probes."""
+    key = f"o{order}/{method}"
+    if seed:
+        key += f"/s{seed}"
+    if lr is not None:
+        key += f"/lr{lr:g}"
+    return key
+
+
 def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, bench: str, budget_name: str,
-             data_root: Path) -> dict:
-    """The raw run config of one method × order: the preset, with the budget and the bench base applied."""
+             data_root: Path, seed: int = 0, lr: float | None = None) -> dict:
+    """The raw run config of one method × order × seed: the preset, with the budget and the bench base applied."""
     raw = copy.deepcopy(preset)
     raw["model"] = {"name_or_path": base["model"], "dtype": "float32"}
     raw.setdefault("lora", {}).update(budget.get("lora", {}))
     tasks = raw["tasks"]
     tasks["data_root"] = str(data_root)
+    if "validation" in budget:
+        tasks["validation"] = {"size": budget["validation"]}
     keep = set(budget.get("tasks") or [t["name"] for t in tasks["sequence"]])
     tasks["sequence"] = [t for t in tasks["sequence"] if t["name"] in keep]
     for task in tasks["sequence"]:
@@ -62,6 +74,10 @@ def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, b
         tasks.pop("order", None)
     training = raw.setdefault("training", {})
     training.update(budget.get("training", {}))
+    if lr is not None:
+        training["lr"] = lr
+    if seed:  # LoRA init, data order, anchor draw (the preset's seed 0 keeps its run dirs)
+        training["seed"] = seed
     if "epochs_per_task" in training:  # the preset's per-task epochs (TRACE), scaled by the budget, for kept tasks
         scale = budget.get("epochs_scale", 1.0)
         training["epochs_per_task"] = {k: max(1, round(v * scale)) for k, v in training["epochs_per_task"].items()
@@ -81,54 +97,71 @@ def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, b
     return raw
 
 
-def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, base: dict, data_root: Path,
-              methods: list[str] | None = None, orders: list[str] | None = None, log=print, on_run=None) -> dict:
-    """Every method × order of the budget; a failing run is recorded (error + traceback tail) and the suite goes on."""
+def ensure_ray(budget: dict) -> None:
     import ray
 
+    if not ray.is_initialized():
+        workers = budget.get("num_workers", 2)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
+
+
+def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: dict, data_root: Path, order: str,
+            name: str, seed: int = 0, lr: float | None = None, log=print) -> dict:
+    """One method × order × seed as an ordinary run (resumed if its run dir exists); a failure is recorded
+    (error + traceback tail), never raised, so one broken method does not sink the suite."""
     from saefd_ray.config import load_config
     from saefd_ray.train.sequence import run_sequence
 
+    budget = bench_cfg["budgets"][budget_name]
+    key = run_key(order, name, seed, lr)
+    raw = run_yaml(preset, budget, bench_cfg["methods"][name], order, base, bench, budget_name, data_root, seed, lr)
+    configs_dir = CACHE / "configs"
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    path = configs_dir / f"{raw['output']['run_name']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log(f"=== {bench} {budget_name}: {key} ({path.relative_to(REPO)})")
+    began = time.time()
+    meta = {"order": order, "method": name, "seed": seed, **({"lr": lr} if lr is not None else {})}
+    try:
+        results = run_sequence(load_config(path))
+    except Exception as err:  # noqa: BLE001 - one broken method must not sink the suite
+        log(f"!!! {key} failed: {type(err).__name__}: {err}")
+        return {**meta, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:],
+                "wall_s": round(time.time() - began, 1)}
+    run_dir = CACHE / "runs" / raw["output"]["run_name"]
+    run = {**meta, "tasks": results["tasks"], "r_matrix": results["r_matrix"], "summary": results["summary"],
+           "r_matrix_validation": results.get("r_matrix_validation"),
+           "summary_validation": results.get("summary_validation"), "timings": results["timings"],
+           **run_cost(run_dir, results, round(time.time() - began, 1)), "run_dir": str(run_dir.relative_to(REPO))}
+    s = run["summary"]
+    log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({run['wall_s']}s)")
+    return run
+
+
+def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, base: dict, data_root: Path,
+              methods: list[str] | None = None, orders: list[str] | None = None, log=print, on_run=None) -> dict:
+    """Every method × order of the budget (seed 0), one run at a time; `on_run(suite)` after each."""
     preset = read_yaml_file(preset_path)
     budget = bench_cfg["budgets"][budget_name]
     methods = methods or budget["methods"]
     orders = orders or [str(o) for o in budget["orders"]]
-    configs_dir = CACHE / "configs"
-    configs_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        workers = budget.get("num_workers", 2)
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
+    ensure_ray(budget)
     runs: dict[str, dict] = {}
-
-    def suite_dict(runs: dict) -> dict:
-        return {"bench": bench, "budget": budget_name, "budget_config": budget, "methods": methods, "orders": orders,
-                "method_config": {m: bench_cfg["methods"][m] for m in methods}, "base": base, "runs": dict(runs)}
-
     for order in orders:
         for name in methods:
-            key = f"o{order}/{name}"
-            raw = run_yaml(preset, budget, bench_cfg["methods"][name], order, base, bench, budget_name, data_root)
-            path = configs_dir / f"{raw['output']['run_name']}.yaml"
-            path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            log(f"=== {bench} {budget_name}: order {order}, {name} ({path.relative_to(REPO)})")
-            began = time.time()
-            try:
-                results = run_sequence(load_config(path))
-            except Exception as err:  # noqa: BLE001 - one broken method must not sink the suite
-                runs[key] = {"order": order, "method": name, "error": f"{type(err).__name__}: {err}",
-                             "traceback": traceback.format_exc()[-2000:], "wall_s": round(time.time() - began, 1)}
-                log(f"!!! {key} failed: {type(err).__name__}: {err}")
-                continue
-            run_dir = CACHE / "runs" / raw["output"]["run_name"]
-            runs[key] = {"order": order, "method": name, "tasks": results["tasks"], "r_matrix": results["r_matrix"],
-                         "summary": results["summary"], "timings": results["timings"],
-                         **run_cost(run_dir, results, round(time.time() - began, 1)),
-                         "run_dir": str(run_dir.relative_to(REPO))}
-            s = results["summary"]
-            log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({runs[key]['wall_s']}s)")
+            runs[run_key(order, name)] = run_one(bench, preset, bench_cfg, budget_name, base, data_root, order, name,
+                                                 log=log)
             if on_run is not None:  # a suite cut short still leaves its report
-                on_run(suite_dict(runs))
-    return suite_dict(runs)
+                on_run(suite_dict(bench, budget_name, bench_cfg, methods, orders, base, runs))
+    return suite_dict(bench, budget_name, bench_cfg, methods, orders, base, runs)
+
+
+def suite_dict(bench: str, budget_name: str, bench_cfg: dict, methods: list[str], orders: list[str], base: dict,
+               runs: dict, planned: list[str] | None = None) -> dict:
+    budget = bench_cfg["budgets"][budget_name]
+    return {"bench": bench, "budget": budget_name, "budget_config": budget, "methods": methods, "orders": orders,
+            "method_config": {m: bench_cfg["methods"][m] for m in methods}, "base": base, "runs": dict(runs),
+            "planned": planned or [run_key(o, m) for o in orders for m in methods]}
 
 
 WALL_FILE = "bench_wall.json"
@@ -161,10 +194,10 @@ def _f(value, digits: int = 1) -> str:
 
 
 def mean_over_orders(suite: dict) -> dict[str, dict]:
-    """Per method: mean AA / BWT / FWT over the orders that finished (None where no order has the value)."""
+    """Per method: mean AA / BWT / FWT over the orders that finished, seed 0 (None where no order has the value)."""
     out = {}
     for name in suite["methods"]:
-        done = [r for r in suite["runs"].values() if r["method"] == name and "summary" in r]
+        done = [r for o in suite["orders"] if "summary" in (r := suite["runs"].get(run_key(o, name)) or {})]
         row = {"orders_done": len(done)}
         for metric in ("aa", "bwt", "fwt"):
             values = [r["summary"][metric] for r in done if r["summary"].get(metric) is not None]
@@ -199,26 +232,24 @@ def target_lines(suite: dict) -> list[str]:
     return (["## Targets (issue 8)", ""] + out + [""]) if out else []
 
 
-def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) -> str:
+def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False, sections: list[str] = ()) -> str:
+    """The suite's report; `sections` (markdown lines: seeds, paired comparisons, λ traces) go before the R
+    matrices."""
     lines = [f"# {title} — budget `{suite['budget']}`", ""] + notes + [""]
     planned = suite["budget_config"].get("methods", [])
     missing = [m for m in planned if m not in suite["methods"]] + [
         key for key, run in suite["runs"].items() if "error" in run] + [
-        f"o{o}/{m}" for o in suite["orders"] for m in suite["methods"] if f"o{o}/{m}" not in suite["runs"]]
+        key for key in suite.get("planned", []) if key not in suite["runs"]]
     if missing or set(suite["orders"]) != {str(o) for o in suite["budget_config"].get("orders", [])}:
         lines += [f"**PARTIAL run of this budget**: methods {', '.join(suite['methods'])} on orders "
                   f"{', '.join(suite['orders'])}; not run or failed: {', '.join(missing) or '—'}. "
                   "Not the budget's result.", ""]
-    base = suite["base"]
-    lines += [f"Base: `{Path(base['model']).name}` ({base['parameters'] / 1e6:.1f} M parameters, "
-              f"pre-trained {base['pretrain']['seconds']:.0f}s on {base['pretrain']['tokens']:,} tokens, final LM loss "
-              f"{base['pretrain']['final_loss']:.2f}); SAE: Gated, layer {base['layer']}"
-              + _sae_line(base) + ".", ""]
+    lines += [base_line(suite["base"]), ""]
     for order in suite["orders"]:
         runs = [suite["runs"].get(f"o{order}/{m}") for m in suite["methods"]]
         tasks = next((r["tasks"] for r in runs if r and "tasks" in r), [])
         lines += [f"## Order {order}: {' → '.join(tasks)}", ""]
-        header = ["method", "AA", "BWT", "FWT", "mean forgetting", "median step (s)", "wall (s)"]
+        header = ["method", "AA", "BWT", "FWT", "mean forgetting", "val AA", "median step (s)", "wall (s)"]
         if per_task:
             header += [f"{t} (final)" for t in tasks]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -231,7 +262,7 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
             s = run["summary"]
             wall = _f(run.get("wall_s"), 0) + (" (resumed)" if run.get("resumed") else "")
             cells = [name, _f(s["aa"]), _f(s["bwt"]), _f(s["fwt"]), _f(s.get("mean_forgetting")),
-                     _f(run.get("median_step_s"), 2), wall]
+                     _f((run.get("summary_validation") or {}).get("aa")), _f(run.get("median_step_s"), 2), wall]
             if per_task:
                 cells += [_f(v) for v in run["r_matrix"][-1]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -242,6 +273,7 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
             lines.append(f"| {name} | {_f(row['aa'])} | {_f(row['bwt'])} | {_f(row['fwt'])} | {row['orders_done']} |")
         lines.append("")
     lines += target_lines(suite)
+    lines += list(sections)
     lines += ["## R matrices", "", "Row 0 is the base model; row t the scores after task t (mtl: one joint row).", ""]
     for key, run in suite["runs"].items():
         if "r_matrix" not in run:
@@ -254,6 +286,17 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False) 
             lines.append(f"| {label} | " + " | ".join(_f(v) for v in row) + " |")
         lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def base_line(base: dict) -> str:
+    """One line on the base model and its SAE: the bench's pre-trained toy, or a named real model."""
+    if "pretrain" in base:
+        what = (f"`{Path(base['model']).name}` ({base['parameters'] / 1e6:.1f} M parameters, pre-trained "
+                f"{base['pretrain']['seconds']:.0f}s on {base['pretrain']['tokens']:,} tokens, final LM loss "
+                f"{base['pretrain']['final_loss']:.2f})")
+    else:
+        what = f"`{base['model']}` ({base['parameters'] / 1e6:.1f} M parameters{base.get('about', '')})"
+    return f"Base: {what}; SAE: {base.get('architecture', 'Gated')}, layer {base['layer']}{_sae_line(base)}."
 
 
 def _sae_line(base: dict) -> str:
@@ -297,24 +340,25 @@ def heatmaps(suite: dict, stem: str) -> list[Path]:
     return written
 
 
-def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task: bool = False) -> list[Path]:
+def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task: bool = False,
+                  sections: list[str] = ()) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suite = dict(suite, mean=mean_over_orders(suite))
     json_path = RESULTS / f"{stem}.json"
     atomic_write_text(json_path, json.dumps(suite, indent=1))
     md_path = RESULTS / f"{stem}.md"
-    atomic_write_text(md_path, markdown(suite, title, notes, per_task))
+    atomic_write_text(md_path, markdown(suite, title, notes, per_task, sections))
     return [json_path, md_path, *heatmaps(suite, stem)]
 
 
 def write_suite(suite: dict, bench: str, title: str, notes: list[str], base_s: float, began: float,
-                per_task: bool = False) -> list[Path]:
+                per_task: bool = False, stem: str | None = None, sections: list[str] = ()) -> list[Path]:
     """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
     runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
     suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
                        "runs": round(runs_s, 1)}
     notes = notes + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "
                      f"earlier call trained are only loaded); base + SAE {base_s:.0f}s (≈0 when cached)."]
-    if suite["budget"] == "smoke":
+    if suite["budget"].endswith("smoke"):
         notes.insert(0, "**SMOKE budget: a does-it-run check with tiny data; these numbers are not results.**")
-    return write_outputs(suite, f"{bench}_{suite['budget']}", title, notes, per_task)
+    return write_outputs(suite, stem or f"{bench}_{suite['budget']}", title, notes, per_task, sections)

@@ -42,7 +42,8 @@ def task_boundaries(scalars: Mapping[str, Series]) -> list[int]:
     return sorted(s for s in steps if s > 0)
 
 
-def _split(series: Series, bounds: list[int]) -> list[Series]:
+def split_stages(series: Series, bounds: list[int]) -> list[Series]:
+    """`series` cut at the stage ends `bounds` (task_boundaries): one list of (step, value) per stage."""
     parts, start = [], 0
     for end in bounds:
         parts.append([(s, v) for s, v in series if start < s <= end])
@@ -63,7 +64,7 @@ def training_curves(scalars: Mapping[str, Series], stage_names: Sequence[str]) -
         return None
     bounds = task_boundaries(scalars)
     fig, (ax,) = _figure(8, 3.6)
-    for i, part in enumerate(_split(loss, bounds)):
+    for i, part in enumerate(split_stages(loss, bounds)):
         if part:
             name = stage_names[i] if i < len(stage_names) else f"stage {i + 1}"
             ax.plot([s for s, _ in part], [v for _, v in part], linewidth=1, label=name)

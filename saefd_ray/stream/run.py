@@ -88,7 +88,8 @@ def init_ray(config: SaeTrainConfig) -> None:
     if ray.is_initialized():
         return
     address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster or a submitted job: join it as run_sequence does (uploads are the submitter's)
+    if address and address != "local":  # a cluster or a submitted job: join it as run_sequence does
+        # ("local" asks for a fresh local Ray: started below with the CPUs trainer + harvest actors need)
         from saefd_ray.train.sequence import init_ray as join_cluster
 
         join_cluster(address)
@@ -97,7 +98,8 @@ def init_ray(config: SaeTrainConfig) -> None:
     need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
     from saefd_ray.observe.console import ray_init_options
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False, **ray_init_options())
+    ray.init(address=address, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False,
+             **ray_init_options())
 
 
 def model_dims(model_path: str) -> tuple[int, int]:

@@ -1,0 +1,160 @@
+"""The CL suite on a real instruct LLM (issue 18): SmolLM2-135M-Instruct and its FAST Gated SAE.
+
+What differs from the bench-base suite (bench/common.py's run_suite) is the plan, run in this order so that a suite
+cut short has the most useful table:
+
+1. lr: seq_lora on order 1 at each of the budget's `lr_candidates`; the best *validation* AA chooses (test is never
+   read). Every probe is a kept run; the chosen one is also the seq_lora row of order 1 (same config, only loaded).
+2. the core methods on every order (seed 0);
+3. `order1_methods` on order 1;
+4. `seeds` for `seed_methods` on every order; `strongest` is the regularizer (ewc, l2, lwf, sae_reg) with the best
+   mean validation AA over the orders at seed 0.
+
+The SAE is `jobs/train_sae.py --config configs/sae_smollm2.yaml` trained into bench/cache/ (once; its activation
+harvest is cached too), or a finished run named by `--sae-run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import fmean
+
+from bench.common import CACHE, REPO, read_yaml_file, resolve_repo_path, run_key, run_one, suite_dict, write_suite
+from bench.compare import lambda_section, paired_section, seeds_section
+
+MODEL = "smollm2-135m-instruct"
+SAE_CONFIG = REPO / "configs" / "sae_smollm2.yaml"
+REGULARIZERS = ("ewc", "l2", "lwf", "sae_reg")
+TITLE = "CL benchmark (O-LoRA, 4 tasks) on SmolLM2-135M-Instruct"
+NOTES = [
+    "O-LoRA's standard CL benchmark (yelp in yahoo's place) on SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to "
+    "fp32, `models/registry.py`), every method with the same base, LoRA, data, budget and LoRA draw; scores are label "
+    "accuracy by ranking the label options' log-likelihood (0–100). AA = mean of the last R row; BWT, FWT and mean "
+    "forgetting as in TRACE / O-LoRA (`saefd_ray/eval/summary.py`). 'val AA' is the same on the validation split "
+    "(each dataset's dev.json), which alone chose the lr and the strongest regularizer; test only reports.",
+    "sae_fd and sae_reg use the SAE of configs/sae_smollm2.yaml (FAST: each chat instance alone). Method "
+    "hyperparameters are configs/bench/cl4.yaml's defaults (sae_fd: ρ 0.15, EMA 0.05, λ clip [0.2, 10]), fixed "
+    "before any run. Results are reported as they came out; none were selected.",
+]
+
+
+def ensure_sae(sae_run: str | None, data_root: Path, log=print) -> dict:
+    """The SAE folder (layer from configs/sae_smollm2.yaml) and its held-out evaluation; trains it if needed."""
+    cfg = read_yaml_file(SAE_CONFIG)
+    layer = cfg["layers"][0]
+    if sae_run:
+        run_dir = resolve_repo_path(sae_run)
+    else:
+        digest = hashlib.sha256(SAE_CONFIG.read_bytes()).hexdigest()[:8]
+        run_dir = CACHE / f"sae-smollm2-{digest}"
+        if not (run_dir / "sae_report.json").is_file():
+            command = [sys.executable, str(REPO / "jobs" / "train_sae.py"), "--config", str(SAE_CONFIG),
+                       "--set", f"output.root={CACHE}", "--set", f"output.run_name={run_dir.name}",
+                       "--set", f"data.data_root={data_root}"]
+            log("[sae] " + " ".join(command))
+            subprocess.run(command, check=True, cwd=REPO)
+    report_path = run_dir / "sae_report.json"
+    if not report_path.is_file():
+        raise SystemExit(f"error: {report_path}: not found; --sae-run must be a finished jobs/train_sae.py run")
+    report = json.loads(report_path.read_text())
+    folder = Path(report["checkpoint"]) / f"layer_{layer}"
+    if not (folder / "cfg.json").is_file():
+        raise SystemExit(f"error: {folder}: no SAE folder (cfg.json) in {run_dir}")
+    return {"model": MODEL, "sae": str(folder), "layer": layer, "parameters": 134.5e6,
+            "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize(),
+            "sae_run": str(run_dir), "sae_eval": report.get("eval", {}).get("layers", {})}
+
+
+def val_aa(run: dict | None) -> float | None:
+    return ((run or {}).get("summary_validation") or {}).get("aa")
+
+
+def choose_lr(runs: dict, candidates: list[float]) -> dict:
+    """The candidate with the best validation AA of seq_lora on order 1 (ties: the smaller lr)."""
+    scored = [(val_aa(runs.get(run_key("1", "seq_lora", lr=lr))), lr) for lr in candidates]
+    scored = [(aa, lr) for aa, lr in scored if aa is not None]
+    if not scored:
+        raise SystemExit("error: lr probe: no seq_lora probe run finished; see the run errors above")
+    best = max(scored, key=lambda t: (t[0], -t[1]))
+    return {"lr": best[1], "validation_aa": {f"{lr:g}": aa for aa, lr in scored}, "rule": "best validation AA"}
+
+
+def strongest(runs: dict, orders: list[str], methods: list[str]) -> str | None:
+    """The regularizer with the best mean validation AA over the orders at seed 0."""
+    means = {}
+    for name in methods:
+        if name in REGULARIZERS:
+            values = [v for o in orders if (v := val_aa(runs.get(run_key(o, name)))) is not None]
+            if values:
+                means[name] = fmean(values)
+    return max(means, key=means.get) if means else None
+
+
+def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: str | None,
+                   methods: list[str] | None = None, orders: list[str] | None = None, log=print) -> dict:
+    from bench.common import ensure_ray
+
+    budget = bench_cfg["budgets"][budget_name]
+    preset = read_yaml_file(resolve_repo_path(bench_cfg["preset"]))
+    methods = methods or budget["methods"]
+    orders = orders or [str(o) for o in budget["orders"]]
+    extra = [m for m in budget.get("order1_methods", []) if m not in methods]
+    began = time.time()
+    base = ensure_sae(sae_run, data_root, log)
+    base_s = time.time() - began
+    ensure_ray(budget)
+    runs: dict[str, dict] = {}
+    state = {"lr_choice": None, "strongest": None}
+    stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
+
+    def run(order: str, name: str, seed: int = 0, lr: float | None = None, key: str | None = None) -> None:
+        key = key or run_key(order, name, seed)
+        runs[key] = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, log=log)
+        report()
+
+    def planned() -> list[str]:
+        keys = [run_key("1", "seq_lora", lr=lr) for lr in budget["lr_candidates"]]
+        keys += [run_key(o, m) for o in orders for m in methods] + [run_key("1", m) for m in extra]
+        seed_methods = [state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])]
+        keys += [run_key(o, m, s) for s in budget.get("seeds", []) for o in orders for m in seed_methods if m]
+        return keys
+
+    def report() -> list[Path]:
+        suite = suite_dict("cl4", budget_name, bench_cfg, methods + extra, orders, base, runs, planned())
+        suite.update(state, seeds=budget.get("seeds", []),
+                     seed_methods=[state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])])
+        rho = bench_cfg["methods"]["sae_fd"].get("rho")
+        sections = seeds_section(suite)
+        paired_lines, suite["paired"] = paired_section(suite)
+        lambda_lines, _ = lambda_section(suite, stem, rho)
+        notes = NOTES + ([f"lr {state['lr_choice']['lr']:g}, chosen by seq_lora's validation AA on order 1 among "
+                          f"{state['lr_choice']['validation_aa']}."] if state["lr_choice"] else [])
+        return write_suite(suite, "cl4", TITLE, notes, base_s, began, stem=stem,
+                           sections=sections + paired_lines + lambda_lines)
+
+    for lr in budget["lr_candidates"]:
+        run("1", "seq_lora", lr=lr, key=run_key("1", "seq_lora", lr=lr))
+    state["lr_choice"] = choose_lr(runs, budget["lr_candidates"])
+    lr = state["lr_choice"]["lr"]
+    log(f"[lr] chosen on validation: {lr:g} ({state['lr_choice']['validation_aa']})")
+    for order in orders:
+        for name in methods:
+            run(order, name, lr=lr)
+    for name in extra:
+        run("1", name, lr=lr)
+    state["strongest"] = strongest(runs, orders, methods)
+    for seed in budget.get("seeds", []):
+        for order in orders:
+            for name in budget.get("seed_methods", []):
+                name = state["strongest"] if name == "strongest" else name
+                if name in methods:
+                    run(order, name, seed, lr=lr)
+    paths = report()
+    for path in paths:
+        print(f"wrote {path.relative_to(REPO)}")
+    return runs

@@ -1,0 +1,91 @@
+"""The CL suite's selection and comparison rules (bench/real_suite.py, bench/compare.py, bench/common.py).
+
+Pure functions on hand-built suites: the lr and the 'strongest regularizer' are chosen on validation only (changing
+test scores changes neither), the paired comparison's numbers, and the run names a resumed suite relies on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.common import run_key, run_yaml
+from bench.compare import aa_binomial_sd, paired
+from bench.real_suite import choose_lr, strongest
+
+
+def run(method: str, order: str, test_aa: float, val_aa: float, seed: int = 0) -> dict:
+    last = [test_aa] * 4
+    return {"method": method, "order": order, "seed": seed, "tasks": ["a", "b", "c", "d"],
+            "r_matrix": [[25.0] * 4, last], "summary": {"aa": test_aa, "bwt": -1.0, "fwt": 0.0},
+            "summary_validation": {"aa": val_aa}}
+
+
+def test_run_keys_name_seed_and_lr_probes():
+    assert run_key("1", "sae_fd") == "o1/sae_fd"
+    assert run_key("2", "ewc", 1) == "o2/ewc/s1"
+    assert run_key("1", "seq_lora", lr=3e-4) == "o1/seq_lora/lr0.0003"
+
+
+def test_lr_is_chosen_on_validation_never_on_test():
+    runs = {run_key("1", "seq_lora", lr=3e-4): run("seq_lora", "1", test_aa=90.0, val_aa=60.0),
+            run_key("1", "seq_lora", lr=1e-3): run("seq_lora", "1", test_aa=10.0, val_aa=70.0)}
+    assert choose_lr(runs, [3e-4, 1e-3])["lr"] == 1e-3
+    runs[run_key("1", "seq_lora", lr=1e-3)]["summary"]["aa"] = 99.0  # test moves: the choice does not
+    assert choose_lr(runs, [3e-4, 1e-3])["lr"] == 1e-3
+    runs[run_key("1", "seq_lora", lr=3e-4)]["summary_validation"]["aa"] = 70.0  # a tie: the smaller lr
+    assert choose_lr(runs, [3e-4, 1e-3])["lr"] == 3e-4
+
+
+def test_lr_probe_without_a_finished_run_is_one_error_line():
+    with pytest.raises(SystemExit, match="^error: lr probe: no seq_lora probe run finished"):
+        choose_lr({run_key("1", "seq_lora", lr=3e-4): {"error": "boom"}}, [3e-4])
+
+
+def test_strongest_regularizer_by_mean_validation_aa_over_orders():
+    runs = {run_key("1", "ewc"): run("ewc", "1", 80.0, 50.0), run_key("2", "ewc"): run("ewc", "2", 80.0, 52.0),
+            run_key("1", "lwf"): run("lwf", "1", 10.0, 60.0), run_key("2", "lwf"): run("lwf", "2", 10.0, 40.0),
+            run_key("1", "sae_fd"): run("sae_fd", "1", 99.0, 99.0)}  # not a rival: never 'strongest'
+    assert strongest(runs, ["1", "2"], ["ewc", "lwf", "sae_fd"]) == "ewc"  # 51 > 50
+    assert strongest({}, ["1"], ["ewc"]) is None
+
+
+def test_binomial_sd_of_an_aa():
+    r = run("x", "1", 50.0, 50.0)
+    # four tasks at p = 0.5 on n = 100: sqrt(4 * 0.25 / 100) / 4 = 0.025 -> 2.5 points
+    assert aa_binomial_sd(r, 100) == pytest.approx(2.5)
+
+
+def test_paired_comparison_over_orders_and_seeds():
+    suite = {"orders": ["1", "2"], "seeds": [1], "methods": ["seq_lora", "sae_fd"],
+             "budget_config": {"max_test": 100}, "runs": {}}
+    diffs = {("1", 0): 4.0, ("2", 0): 6.0, ("1", 1): 5.0}  # order 2 seed 1 missing for sae_fd
+    for (order, seed), d in diffs.items():
+        suite["runs"][run_key(order, "seq_lora", seed)] = run("seq_lora", order, 50.0, 50.0, seed)
+        suite["runs"][run_key(order, "sae_fd", seed)] = run("sae_fd", order, 50.0 + d, 50.0, seed)
+    suite["runs"][run_key("2", "seq_lora", 1)] = run("seq_lora", "2", 50.0, 50.0, 1)
+    p = paired(suite, "seq_lora")
+    assert p["cells"] == 3 and p["wins"] == 3
+    assert p["mean_diff"] == pytest.approx(5.0) and p["sd"] == pytest.approx(1.0)
+    assert (p["min"], p["max"]) == (4.0, 6.0)
+    # binomial: sd of each AA ~2.5, of a difference ~3.5; SE over 3 cells ~2.0 > spread's 1/sqrt(3)
+    assert p["se"] == pytest.approx(p["binomial_sd_one_cell"] / math.sqrt(3))
+    assert p["beyond_noise"] is True  # 5.0 > 2 x ~2.0
+    assert paired(suite, "ewc") is None
+
+
+def test_run_yaml_applies_seed_lr_and_validation_and_names_runs_by_settings(tmp_path: Path):
+    preset = {"model": {"name_or_path": "x"}, "tasks": {"sequence": [{"name": "a"}, {"name": "b"}],
+                                                        "orders": {"1": ["a", "b"]}}, "training": {"lr": 1.0}}
+    budget = {"max_train": 8, "max_test": 4, "validation": 2, "training": {"batch_size": 1}}
+    base = {"model": "m", "sae": "/s", "layer": 3}
+    args = (preset, budget, {"name": "sae_fd", "rho": 0.15}, "1", base, "cl4", "b", tmp_path)
+    raw0, raw1 = run_yaml(*args), run_yaml(*args, seed=1, lr=3e-4)
+    assert raw1["training"] == {"lr": 3e-4, "batch_size": 1, "seed": 1}
+    assert "seed" not in raw0["training"] and raw0["training"]["lr"] == 1.0
+    assert raw0["tasks"]["validation"] == {"size": 2}
+    assert raw0["method"]["sae"] == {"path": "/s", "layer": 3}
+    assert raw0["output"]["run_name"] != raw1["output"]["run_name"]
+    assert run_yaml(*args)["output"]["run_name"] == raw0["output"]["run_name"]  # same settings: same (resumable) dir
