@@ -106,14 +106,14 @@ def ensure_ray(budget: dict) -> None:
 
 
 def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: dict, data_root: Path, order: str,
-            name: str, seed: int = 0, lr: float | None = None, log=print) -> dict:
+            name: str, seed: int = 0, lr: float | None = None, key: str | None = None, log=print) -> dict:
     """One method × order × seed as an ordinary run (resumed if its run dir exists); a failure is recorded
     (error + traceback tail), never raised, so one broken method does not sink the suite."""
     from saefd_ray.config import load_config
     from saefd_ray.train.sequence import run_sequence
 
     budget = bench_cfg["budgets"][budget_name]
-    key = run_key(order, name, seed, lr)
+    key = key or run_key(order, name, seed, lr)
     raw = run_yaml(preset, budget, bench_cfg["methods"][name], order, base, bench, budget_name, data_root, seed, lr)
     configs_dir = CACHE / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
@@ -229,13 +229,13 @@ def target_lines(suite: dict) -> list[str]:
                 f"({'meets' if bwt is not None and bwt >= -2 else 'misses'} >= -2); median step "
                 f"{_f(ratio, 2)}x SeqLoRA's (target <= 1.15x; step times are only comparable between runs on an "
                 f"equally loaded machine)"]
-    return (["## Targets (issue 8)", ""] + out + [""]) if out else []
+    return (["## Targets", ""] + out + [""]) if out else []
 
 
 def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False, sections: list[str] = ()) -> str:
     """The suite's report; `sections` (markdown lines: seeds, paired comparisons, λ traces) go before the R
     matrices."""
-    lines = [f"# {title} — budget `{suite['budget']}`", ""] + notes + [""]
+    lines = [f"# {title} — budget `{suite['budget']}`", ""] + [line for note in notes for line in (note, "")]
     planned = suite["budget_config"].get("methods", [])
     missing = [m for m in planned if m not in suite["methods"]] + [
         key for key, run in suite["runs"].items() if "error" in run] + [

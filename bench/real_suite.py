@@ -105,16 +105,25 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     orders = orders or [str(o) for o in budget["orders"]]
     extra = [m for m in budget.get("order1_methods", []) if m not in methods]
     began = time.time()
-    base = ensure_sae(sae_run, data_root, log)
-    base_s = time.time() - began
+    # the SAE is resolved (trained, if need be) when the first method that uses it runs: the lr probe does not wait
+    cfg = read_yaml_file(SAE_CONFIG)
+    base = {"model": MODEL, "layer": cfg["layers"][0], "parameters": 134.5e6,
+            "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize()}
+    base_s = 0.0
     ensure_ray(budget)
     runs: dict[str, dict] = {}
     state = {"lr_choice": None, "strongest": None}
     stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
 
     def run(order: str, name: str, seed: int = 0, lr: float | None = None, key: str | None = None) -> None:
+        nonlocal base_s
+        if name in ("sae_fd", "sae_reg") and "sae" not in base:
+            t0 = time.time()
+            base.update(ensure_sae(sae_run, data_root, log))
+            base_s = time.time() - t0
         key = key or run_key(order, name, seed)
-        runs[key] = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, log=log)
+        runs[key] = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, key=key,
+                            log=log)
         report()
 
     def planned() -> list[str]:

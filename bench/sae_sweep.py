@@ -1,0 +1,100 @@
+"""The sparsity-coefficient sweep of an SAE config: the L0 / FVU / CE-loss-recovered trade-off, and the pick.
+
+    python bench/sae_sweep.py                                    # configs/sae_smollm2.yaml, coefficients 2 5
+    python bench/sae_sweep.py --coefficients 0.5 1 2 --config configs/sae_smollm2.yaml
+
+One `jobs/train_sae.py` run per coefficient (output runs/<run_name>_c<coef>/), every other setting the config's.
+With `data.cache` on, the first run harvests and every later one streams the cached activations, so a coefficient
+costs SAE training only. A finished run (its sae_report.json exists) is read, never redone; the report is rewritten
+after each run. Everything is measured on the config's held-out *training* instances (`data.eval_instances`), never
+on a CL test split.
+
+The pick (fixed before any number was seen): the largest coefficient — the sparsest SAE — whose held-out CE-loss
+recovered is ≥ 0.90, i.e. splicing the SAE into the model keeps ≥ 90 % of the gap between zero-ablating the layer and
+the clean model; if none reaches it, the smallest coefficient tried. Writes bench/results/<run_name>_sweep.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from saefd_ray.io import atomic_write_text  # noqa: E402
+
+CE_FLOOR = 0.90
+METRICS = ("l0", "fvu", "mse", "log2_mse_special", "dead_fraction", "ce_loss_recovered")
+
+
+def pick(rows: list[dict]) -> dict | None:
+    """The largest coefficient with CE-loss recovered >= CE_FLOOR, else the smallest coefficient."""
+    done = [r for r in rows if r.get("ce_loss_recovered") is not None]
+    if not done:
+        return None
+    good = [r for r in done if r["ce_loss_recovered"] >= CE_FLOOR]
+    return max(good, key=lambda r: r["coefficient"]) if good else min(done, key=lambda r: r["coefficient"])
+
+
+def layer_metrics(report: dict) -> dict:
+    layers = report.get("eval", {}).get("layers", {})
+    metrics = next(iter(layers.values()), {}) if layers else {}
+    return {k: metrics.get(k) for k in METRICS}
+
+
+def markdown(config: str, rows: list[dict], chosen: dict | None) -> str:
+    lines = [f"# Sparsity-coefficient sweep — `{config}`", "",
+             "Held-out *training* instances (`data.eval_instances`), attention sinks excluded. The pick rule: the "
+             f"largest coefficient with CE-loss recovered ≥ {CE_FLOOR}, else the smallest tried.", "",
+             "| coefficient | L0 | FVU | MSE | log2 MSE (special) | dead % | CE-loss recovered | run |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v, d=3):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    for r in sorted(rows, key=lambda r: r["coefficient"]):
+        mark = " **(chosen)**" if chosen and r["coefficient"] == chosen["coefficient"] else ""
+        lines.append(f"| {r['coefficient']:g}{mark} | {f(r['l0'], 1)} | {f(r['fvu'])} | {f(r['mse'], 2)} | "
+                     f"{f(r['log2_mse_special'], 2)} | {f(100 * r['dead_fraction'] if r['dead_fraction'] is not None else None, 1)} | "
+                     f"{f(r['ce_loss_recovered'])} | `{r['run_dir']}` |")
+    return "\n".join(lines + [""])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/sae_smollm2.yaml")
+    ap.add_argument("--coefficients", nargs="+", type=float, default=[2.0, 5.0])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    import yaml
+
+    cfg = yaml.safe_load((REPO / args.config).read_text())
+    root, name = cfg.get("output", {}).get("root", "runs"), cfg.get("output", {}).get("run_name", "sae")
+    rows = []
+    out = REPO / "bench" / "results" / f"{name}_sweep"
+    for coefficient in args.coefficients:
+        run_dir = REPO / root / f"{name}_c{coefficient:g}"
+        report = run_dir / "sae_report.json"
+        if not report.is_file():
+            command = [sys.executable, str(REPO / "jobs" / "train_sae.py"), "--config", str(REPO / args.config),
+                       "--set", f"sae.sparsity_coefficient={coefficient}", "--set", f"output.run_name={run_dir.name}",
+                       *[x for o in args.overrides for x in ("--set", o)]]
+            print("[sweep] " + " ".join(command), flush=True)
+            subprocess.run(command, check=True, cwd=REPO)
+        rows.append({"coefficient": coefficient, "run_dir": str(run_dir.relative_to(REPO)),
+                     **layer_metrics(json.loads(report.read_text()))})
+        chosen = pick(rows)
+        result = {"config": args.config, "rule": f"largest coefficient with ce_loss_recovered >= {CE_FLOOR}, "
+                  "else the smallest", "rows": rows, "chosen": chosen}
+        atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
+        atomic_write_text(out.with_suffix(".md"), markdown(args.config, rows, chosen))
+    print(f"wrote {out.relative_to(REPO)}.{{json,md}}; chosen: {pick(rows)}")
+    return {"rows": rows, "chosen": pick(rows)}
+
+
+if __name__ == "__main__":
+    main()
