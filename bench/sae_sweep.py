@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from saefd_ray.io import atomic_write_text  # noqa: E402
 
 CE_FLOOR = 0.90
-METRICS = ("l0", "fvu", "mse", "log2_mse_special", "dead_fraction", "ce_loss_recovered")
+METRICS = ("l0", "fvu", "mse", "log2_mse_special", "dead_fraction_eval", "ce_loss_recovered")
 
 
 def pick(rows: list[dict]) -> dict | None:
@@ -58,9 +58,9 @@ def markdown(config: str, rows: list[dict], chosen: dict | None) -> str:
 
     for r in sorted(rows, key=lambda r: r["coefficient"]):
         mark = " **(chosen)**" if chosen and r["coefficient"] == chosen["coefficient"] else ""
+        dead = None if r["dead_fraction_eval"] is None else 100 * r["dead_fraction_eval"]
         lines.append(f"| {r['coefficient']:g}{mark} | {f(r['l0'], 1)} | {f(r['fvu'])} | {f(r['mse'], 2)} | "
-                     f"{f(r['log2_mse_special'], 2)} | {f(100 * r['dead_fraction'] if r['dead_fraction'] is not None else None, 1)} | "
-                     f"{f(r['ce_loss_recovered'])} | `{r['run_dir']}` |")
+                     f"{f(r['log2_mse_special'], 2)} | {f(dead, 1)} | {f(r['ce_loss_recovered'])} | `{r['run_dir']}` |")
     return "\n".join(lines + [""])
 
 
