@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
+from bench.common import exit_2_on_error, read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
 from bench.real_suite import run_real_suite  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
@@ -68,6 +68,7 @@ def write(suite: dict, base_s: float, began: float) -> list:
     return write_suite(suite, "cl4", "CL benchmark (O-LoRA, 4 tasks)", NOTES, base_s, began)
 
 
+@exit_2_on_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.budget = args.budget or ("smollm2" if args.model == "smollm2" else "small")

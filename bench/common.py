@@ -28,6 +28,24 @@ CACHE = REPO / "bench" / "cache"
 RESULTS = REPO / "bench" / "results"
 
 
+def exit_2_on_error(main):
+    """A bench's `main`: its `SystemExit("error: ...")` becomes that one line on stderr and exit status 2."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SystemExit as exit_:
+            if isinstance(exit_.code, str) and exit_.code.startswith("error:"):
+                print(exit_.code, file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+
+    return wrapped
+
+
 def resolve_repo_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path if path.is_absolute() else (REPO / path).resolve()
@@ -97,6 +115,23 @@ def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, b
     return raw
 
 
+def lock_suite() -> None:
+    """Refuse a second suite while one runs: two drivers on one run dir would train it twice and race its files.
+    The lock is held (an open file with fcntl's exclusive lock) until the process exits."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    handle = open(CACHE / "suite.lock", "w")  # noqa: SIM115 - kept open on purpose: the lock lives with the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: {CACHE / 'suite.lock'}: another benchmark suite is running on this cache") from None
+    _LOCKS.append(handle)
+
+
+_LOCKS: list = []
+
+
 def ensure_ray(budget: dict) -> None:
     import ray
 
@@ -145,6 +180,7 @@ def run_suite(bench: str, preset_path: Path, bench_cfg: dict, budget_name: str, 
     budget = bench_cfg["budgets"][budget_name]
     methods = methods or budget["methods"]
     orders = orders or [str(o) for o in budget["orders"]]
+    lock_suite()
     ensure_ray(budget)
     runs: dict[str, dict] = {}
     for order in orders:

@@ -97,13 +97,16 @@ def strongest(runs: dict, orders: list[str], methods: list[str]) -> str | None:
 
 def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: str | None,
                    methods: list[str] | None = None, orders: list[str] | None = None, log=print) -> dict:
-    from bench.common import ensure_ray
+    from bench.common import ensure_ray, lock_suite
 
     budget = bench_cfg["budgets"][budget_name]
     preset = read_yaml_file(resolve_repo_path(bench_cfg["preset"]))
     methods = methods or budget["methods"]
     orders = orders or [str(o) for o in budget["orders"]]
     extra = [m for m in budget.get("order1_methods", []) if m not in methods]
+    if sae_run and not (resolve_repo_path(sae_run) / "sae_report.json").is_file():  # fail before hours of probes
+        raise SystemExit(f"error: --sae-run {sae_run}: expected a finished jobs/train_sae.py run (its sae_report.json)")
+    lock_suite()
     began = time.time()
     # the SAE is resolved (trained, if need be) when the first method that uses it runs: the lr probe does not wait
     cfg = read_yaml_file(SAE_CONFIG)

@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import exit_2_on_error  # noqa: E402
 from saefd_ray.io import atomic_write_text  # noqa: E402
 
 CE_FLOOR = 0.90
@@ -64,6 +65,7 @@ def markdown(config: str, rows: list[dict], chosen: dict | None) -> str:
     return "\n".join(lines + [""])
 
 
+@exit_2_on_error
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/sae_smollm2.yaml")
@@ -72,7 +74,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import yaml
 
-    cfg = yaml.safe_load((REPO / args.config).read_text())
+    config_path = REPO / args.config
+    if not config_path.is_file():
+        raise SystemExit(f"error: {args.config}: SAE config not found")
+    cfg = yaml.safe_load(config_path.read_text())
     root, name = cfg.get("output", {}).get("root", "runs"), cfg.get("output", {}).get("run_name", "sae")
     rows = []
     out = REPO / "bench" / "results" / f"{name}_sweep"

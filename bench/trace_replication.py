@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
+from bench.common import exit_2_on_error, read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "trace.yaml"
 
@@ -40,6 +40,7 @@ def write(suite: dict, base_s: float, began: float) -> list:
     return write_suite(suite, "trace", "TRACE (7 tasks)", NOTES, base_s, began, per_task=True)
 
 
+@exit_2_on_error
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="small", help="smoke, small or full")

@@ -89,3 +89,22 @@ def test_run_yaml_applies_seed_lr_and_validation_and_names_runs_by_settings(tmp_
     assert raw0["method"]["sae"] == {"path": "/s", "layer": 3}
     assert raw0["output"]["run_name"] != raw1["output"]["run_name"]
     assert run_yaml(*args)["output"]["run_name"] == raw0["output"]["run_name"]  # same settings: same (resumable) dir
+
+
+def test_a_second_suite_on_the_same_cache_is_refused(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import bench.common as common
+
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    common.lock_suite()  # this process holds the lock
+    code = ("import sys; from pathlib import Path; import bench.common as c; c.CACHE = Path(sys.argv[1]); "
+            "c.exit_2_on_error(c.lock_suite)()")
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                           cwd=Path(common.REPO))
+    assert other.returncode == 2
+    assert other.stderr.strip() == f"error: {tmp_path / 'suite.lock'}: another benchmark suite is running on this cache"
+    for handle in common._LOCKS:
+        handle.close()
+    common._LOCKS.clear()
