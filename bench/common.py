@@ -284,6 +284,8 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False, 
     for order in suite["orders"]:
         runs = [suite["runs"].get(f"o{order}/{m}") for m in suite["methods"]]
         tasks = next((r["tasks"] for r in runs if r and "tasks" in r), [])
+        if not tasks:  # nothing of this order has finished yet
+            continue
         lines += [f"## Order {order}: {' → '.join(tasks)}", ""]
         header = ["method", "AA", "BWT", "FWT", "mean forgetting", "val AA", "median step (s)", "wall (s)"]
         if per_task:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from statistics import fmean
 
-from bench.common import CACHE, REPO, read_yaml_file, resolve_repo_path, run_key, run_one, suite_dict, write_suite
+from bench.common import CACHE, REPO, _f, read_yaml_file, resolve_repo_path, run_key, run_one, suite_dict, write_suite
 from bench.compare import lambda_section, paired_section, seeds_section
 
 MODEL = "smollm2-135m-instruct"
@@ -84,6 +84,22 @@ def choose_lr(runs: dict, candidates: list[float]) -> dict:
     return {"lr": best[1], "validation_aa": {f"{lr:g}": aa for aa, lr in scored}, "rule": "best validation AA"}
 
 
+def lr_section(runs: dict, candidates: list[float], choice: dict | None) -> list[str]:
+    """The lr probe: seq_lora on order 1 at each candidate, its validation AA (what chose) and test (reported)."""
+    lines = ["## lr probe (seq_lora, order 1)", "", "| lr | val AA | AA | BWT | FWT | median step (s) | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for lr in candidates:
+        run = runs.get(run_key("1", "seq_lora", lr=lr))
+        if not run or "summary" not in run:
+            lines.append(f"| {lr:g} | " + ("failed | " if run else "not run yet | ") + "| | | | |")
+            continue
+        s = run["summary"]
+        mark = " **(chosen)**" if choice and choice["lr"] == lr else ""
+        lines.append(f"| {lr:g}{mark} | {_f(val_aa(run))} | {_f(s['aa'])} | {_f(s['bwt'])} | {_f(s['fwt'])} | "
+                     f"{_f(run.get('median_step_s'), 2)} | {_f(run.get('wall_s'), 0)} |")
+    return lines + [""]
+
+
 def strongest(runs: dict, orders: list[str], methods: list[str]) -> str | None:
     """The regularizer with the best mean validation AA over the orders at seed 0."""
     means = {}
@@ -113,6 +129,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     base = {"model": MODEL, "layer": cfg["layers"][0], "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize()}
     base_s = 0.0
+    if sae_run:  # a finished run: only read, so the report names the SAE from the first run on
+        base.update(ensure_sae(sae_run, data_root, log))
     ensure_ray(budget)
     runs: dict[str, dict] = {}
     state = {"lr_choice": None, "strongest": None}
@@ -141,7 +159,7 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
         suite.update(state, seeds=budget.get("seeds", []),
                      seed_methods=[state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])])
         rho = bench_cfg["methods"]["sae_fd"].get("rho")
-        sections = seeds_section(suite)
+        sections = lr_section(runs, budget["lr_candidates"], state["lr_choice"]) + seeds_section(suite)
         paired_lines, suite["paired"] = paired_section(suite)
         lambda_lines, _ = lambda_section(suite, stem, rho)
         notes = NOTES + ([f"lr {state['lr_choice']['lr']:g}, chosen by seq_lora's validation AA on order 1 among "
