@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", choices=["bench", "smollm2"], default="bench",
                     help="bench: make_base.py's toy base (budgets smoke/small/full); smollm2: the real model")
     ap.add_argument("--budget", default=None, help="a budget of the bench config (default: small, or smollm2)")
+    ap.add_argument("--report-only", action="store_true", help="--model smollm2: rewrite the report from the "
+                    "finished runs; nothing trains")
     ap.add_argument("--sae-run", default=None, help="--model smollm2: a finished jobs/train_sae.py run dir of "
                     "configs/sae_smollm2.yaml to use instead of training one into bench/cache/")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -82,7 +84,7 @@ def main(argv=None) -> dict:
     if args.model == "smollm2":
         return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run,
                               methods=args.methods.split(",") if args.methods else None,
-                              orders=args.orders.split(",") if args.orders else None)
+                              orders=args.orders.split(",") if args.orders else None, report_only=args.report_only)
     began = time.time()
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began

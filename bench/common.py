@@ -141,9 +141,11 @@ def ensure_ray(budget: dict) -> None:
 
 
 def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: dict, data_root: Path, order: str,
-            name: str, seed: int = 0, lr: float | None = None, key: str | None = None, log=print) -> dict:
+            name: str, seed: int = 0, lr: float | None = None, key: str | None = None, log=print,
+            report_only: bool = False) -> dict | None:
     """One method × order × seed as an ordinary run (resumed if its run dir exists); a failure is recorded
-    (error + traceback tail), never raised, so one broken method does not sink the suite."""
+    (error + traceback tail), never raised, so one broken method does not sink the suite. `report_only`: read a
+    finished run's results.json (None if it has none); nothing trains and Ray is not started."""
     from saefd_ray.config import load_config
     from saefd_ray.train.sequence import run_sequence
 
@@ -153,12 +155,16 @@ def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: d
     configs_dir = CACHE / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
     path = configs_dir / f"{raw['output']['run_name']}.yaml"
+    if report_only:
+        done = CACHE / "runs" / raw["output"]["run_name"] / "results.json"
+        if not done.is_file():
+            return None
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     log(f"=== {bench} {budget_name}: {key} ({path.relative_to(REPO)})")
     began = time.time()
     meta = {"order": order, "method": name, "seed": seed, **({"lr": lr} if lr is not None else {})}
     try:
-        results = run_sequence(load_config(path))
+        results = json.loads(done.read_text()) if report_only else run_sequence(load_config(path))
     except Exception as err:  # noqa: BLE001 - one broken method must not sink the suite
         log(f"!!! {key} failed: {type(err).__name__}: {err}")
         return {**meta, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:],
@@ -167,7 +173,8 @@ def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: d
     run = {**meta, "tasks": results["tasks"], "r_matrix": results["r_matrix"], "summary": results["summary"],
            "r_matrix_validation": results.get("r_matrix_validation"),
            "summary_validation": results.get("summary_validation"), "timings": results["timings"],
-           **run_cost(run_dir, results, round(time.time() - began, 1)), "run_dir": str(run_dir.relative_to(REPO))}
+           **run_cost(run_dir, results, None if report_only else round(time.time() - began, 1)),
+           "run_dir": str(run_dir.relative_to(REPO))}
     s = run["summary"]
     log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({run['wall_s']}s)")
     return run
@@ -203,13 +210,13 @@ def suite_dict(bench: str, budget_name: str, bench_cfg: dict, methods: list[str]
 WALL_FILE = "bench_wall.json"
 
 
-def run_cost(run_dir: Path, results: dict, wall_s: float) -> dict:
+def run_cost(run_dir: Path, results: dict, wall_s: float | None) -> dict:
     """Wall time and mean median step time of one run. A run trained by an earlier (interrupted) call keeps the
-    wall time that call recorded in the run dir; this call only loaded it."""
+    wall time that call recorded in the run dir; this call only loaded it (`wall_s` None: only read, never write)."""
     steps = [json.loads(f.read_text()).get("median_step_s") for f in sorted(run_dir.glob("tasks/*/row.json"))]
     cost = {"median_step_s": fmean([x for x in steps if x]) if any(steps) else None}
     trained = sum(k.startswith("task_") for k in results["timings"])
-    if trained:
+    if trained and wall_s is not None:
         # fewer stages trained now than the R matrix has rows after the base: wall_s covers only this call's part
         wall = {"wall_s": wall_s, "resumed": trained < len(results["r_matrix"]) - 1}
         atomic_write_text(run_dir / WALL_FILE, json.dumps(wall))

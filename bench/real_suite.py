@@ -112,7 +112,8 @@ def strongest(runs: dict, orders: list[str], methods: list[str]) -> str | None:
 
 
 def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: str | None,
-                   methods: list[str] | None = None, orders: list[str] | None = None, log=print) -> dict:
+                   methods: list[str] | None = None, orders: list[str] | None = None, log=print,
+                   report_only: bool = False) -> dict:
     from bench.common import ensure_ray, lock_suite
 
     budget = bench_cfg["budgets"][budget_name]
@@ -122,7 +123,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     extra = [m for m in budget.get("order1_methods", []) if m not in methods]
     if sae_run and not (resolve_repo_path(sae_run) / "sae_report.json").is_file():  # fail before hours of probes
         raise SystemExit(f"error: --sae-run {sae_run}: expected a finished jobs/train_sae.py run (its sae_report.json)")
-    lock_suite()
+    if not report_only:
+        lock_suite()
     began = time.time()
     # the SAE is resolved (trained, if need be) when the first method that uses it runs: the lr probe does not wait
     cfg = read_yaml_file(SAE_CONFIG)
@@ -131,7 +133,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     base_s = 0.0
     if sae_run:  # a finished run: only read, so the report names the SAE from the first run on
         base.update(ensure_sae(sae_run, data_root, log))
-    ensure_ray(budget)
+    if not report_only:
+        ensure_ray(budget)
     runs: dict[str, dict] = {}
     state = {"lr_choice": None, "strongest": None}
     stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
@@ -143,9 +146,11 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
             base.update(ensure_sae(sae_run, data_root, log))
             base_s = time.time() - t0
         key = key or run_key(order, name, seed)
-        runs[key] = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, key=key,
-                            log=log)
-        report()
+        run = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, key=key,
+                      log=log, report_only=report_only)
+        if run is not None:
+            runs[key] = run
+            report()
 
     def planned() -> list[str]:
         keys = [run_key("1", "seq_lora", lr=lr) for lr in budget["lr_candidates"]]
@@ -169,6 +174,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
 
     for lr in budget["lr_candidates"]:
         run("1", "seq_lora", lr=lr, key=run_key("1", "seq_lora", lr=lr))
+    if report_only and not all(run_key("1", "seq_lora", lr=lr) in runs for lr in budget["lr_candidates"]):
+        return finish(report())  # the lr is not chosen yet: nothing else can have run
     state["lr_choice"] = choose_lr(runs, budget["lr_candidates"])
     lr = state["lr_choice"]["lr"]
     log(f"[lr] chosen on validation: {lr:g} ({state['lr_choice']['validation_aa']})")
@@ -184,7 +191,9 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
                 name = state["strongest"] if name == "strongest" else name
                 if name in methods:
                     run(order, name, seed, lr=lr)
-    paths = report()
+    return finish(report())
+
+
+def finish(paths: list[Path]) -> None:
     for path in paths:
         print(f"wrote {path.relative_to(REPO)}")
-    return runs

@@ -108,3 +108,18 @@ def test_a_second_suite_on_the_same_cache_is_refused(tmp_path, monkeypatch):
     for handle in common._LOCKS:
         handle.close()
     common._LOCKS.clear()
+
+
+def test_reading_a_finished_run_keeps_its_recorded_wall_time(tmp_path):
+    import json
+
+    from bench.common import WALL_FILE, run_cost
+
+    (tmp_path / "tasks" / "01-a").mkdir(parents=True)
+    (tmp_path / "tasks" / "01-a" / "row.json").write_text(json.dumps({"median_step_s": 2.0}))
+    (tmp_path / WALL_FILE).write_text(json.dumps({"wall_s": 4440.5, "resumed": False}))
+    results = {"timings": {"task_a_s": 10.0}, "r_matrix": [[0.0], [1.0]]}
+    cost = run_cost(tmp_path, results, None)  # --report-only: read, never write
+    assert cost == {"median_step_s": 2.0, "wall_s": 4440.5, "resumed": False}
+    assert json.loads((tmp_path / WALL_FILE).read_text())["wall_s"] == 4440.5
+    assert run_cost(tmp_path, results, 12.0)["wall_s"] == 12.0  # a call that trained records its own
