@@ -80,17 +80,26 @@ def main(argv=None) -> dict:
     budget = bench_cfg["budgets"][args.budget]
     if (budget.get("model") == "smollm2") != (args.model == "smollm2"):
         raise SystemExit(f"error: --budget {args.budget}: is for --model {budget.get('model', 'bench')}")
+    if args.model != "smollm2" and (args.report_only or args.sae_run):
+        raise SystemExit("error: --report-only / --sae-run: only with --model smollm2")
+    methods = args.methods.split(",") if args.methods else None
+    orders = args.orders.split(",") if args.orders else None
+    unknown = [m for m in methods or [] if m not in bench_cfg["methods"]]
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; one of {', '.join(bench_cfg['methods'])}")
+    known_orders = [str(o) for o in read_yaml_file(resolve_repo_path(bench_cfg["preset"]))["tasks"].get("orders", {})]
+    bad = [o for o in orders or [] if o not in known_orders]
+    if bad:
+        raise SystemExit(f"error: --orders: unknown {', '.join(bad)}; one of {', '.join(known_orders)}")
     data_root = resolve_repo_path(args.data_root or bench_cfg["data_root"])
     if args.model == "smollm2":
-        return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run,
-                              methods=args.methods.split(",") if args.methods else None,
-                              orders=args.orders.split(",") if args.orders else None, report_only=args.report_only)
+        return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run, methods=methods, orders=orders,
+                              report_only=args.report_only)
     began = time.time()
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began
     suite = run_suite("cl4", resolve_repo_path(bench_cfg["preset"]), bench_cfg, args.budget, base, data_root,
-                      methods=args.methods.split(",") if args.methods else None,
-                      orders=args.orders.split(",") if args.orders else None,
+                      methods=methods, orders=orders,
                       on_run=lambda partial: write(partial, base_s, began))
     for path in write(suite, base_s, began):
         print(f"wrote {path.relative_to(REPO)}")

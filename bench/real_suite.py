@@ -174,6 +174,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
 
     for lr in budget["lr_candidates"]:
         run("1", "seq_lora", lr=lr, key=run_key("1", "seq_lora", lr=lr))
+    if report_only and not runs:  # never overwrite a report with an empty one
+        raise SystemExit(f"error: --report-only: no finished run of budget {budget_name} under {CACHE / 'runs'}")
     if report_only and not all(run_key("1", "seq_lora", lr=lr) in runs for lr in budget["lr_candidates"]):
         return finish(report())  # the lr is not chosen yet: nothing else can have run
     state["lr_choice"] = choose_lr(runs, budget["lr_candidates"])

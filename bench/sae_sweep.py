@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
                        "--set", f"sae.sparsity_coefficient={coefficient}", "--set", f"output.run_name={run_dir.name}",
                        *[x for o in args.overrides for x in ("--set", o)]]
             print("[sweep] " + " ".join(command), flush=True)
-            subprocess.run(command, check=True, cwd=REPO)
+            if subprocess.run(command, cwd=REPO).returncode != 0:  # train_sae printed its own error line
+                raise SystemExit(f"error: coefficient {coefficient:g}: jobs/train_sae.py failed (see above)")
         rows.append({"coefficient": coefficient, "run_dir": str(run_dir.relative_to(REPO)),
                      **layer_metrics(json.loads(report.read_text()))})
         chosen = pick(rows)
