@@ -36,7 +36,7 @@ NOTES = [
     "fp32, `models/registry.py`), every method with the same base, LoRA, data, budget and LoRA draw; scores are label "
     "accuracy by ranking the label options' log-likelihood (0–100). AA = mean of the last R row; BWT, FWT and mean "
     "forgetting as in TRACE / O-LoRA (`saefd_ray/eval/summary.py`). 'val AA' is the same on the validation split "
-    "(each dataset's dev.json), which alone chose the lr and the strongest regularizer; test only reports.",
+    "(32 examples per task carved from train, disjoint from it, seeded: these folders have no dev.json), which alone chose the lr and the strongest regularizer; test only reports.",
     "sae_fd and sae_reg use the SAE of configs/sae_smollm2.yaml (FAST: each chat instance alone). Method "
     "hyperparameters are configs/bench/cl4.yaml's defaults (sae_fd: ρ 0.15, EMA 0.05, λ clip [0.2, 10]), fixed "
     "before any run. Results are reported as they came out; none were selected.",
