@@ -34,7 +34,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import exit_2_on_error, read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
+from bench.common import (cli_path, exit_2_on_error, read_bench_config, read_yaml_file,  # noqa: E402
+                          resolve_repo_path, run_suite, write_suite)
 from bench.real_suite import run_real_suite  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
@@ -54,15 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["bench", "smollm2"], default="bench",
                     help="bench: make_base.py's toy base (budgets smoke/small/full); smollm2: the real model")
-    ap.add_argument("--budget", default=None, help="a budget of the bench config (default: small, or smollm2)")
+    ap.add_argument("--budget", default=None, help="a budget of --config: smoke / small / full for --model bench "
+                    "(default small), smollm2 / smollm2-smoke for --model smollm2 (default smollm2)")
     ap.add_argument("--report-only", action="store_true", help="--model smollm2: rewrite the report from the "
                     "finished runs; nothing trains")
     ap.add_argument("--sae-run", default=None, help="--model smollm2: a finished jobs/train_sae.py run dir of "
                     "configs/sae_smollm2.yaml to use instead of training one into bench/cache/")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="the bench config (budgets, methods, preset)")
     ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")
     ap.add_argument("--orders", default=None, help="comma list of order names (default: the budget's)")
-    ap.add_argument("--data-root", default=None, help="default: the bench config's data_root (../shared/data)")
+    ap.add_argument("--data-root", default=None, help="default: the bench config's data_root (../shared/data from "
+                    "the repository); command-line paths are relative to the working directory")
     return ap.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def write(suite: dict, base_s: float, began: float) -> list:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.budget = args.budget or ("smollm2" if args.model == "smollm2" else "small")
-    bench_cfg = read_yaml_file(args.config)
+    bench_cfg = read_bench_config(args.config)
     if args.budget not in bench_cfg["budgets"]:
         raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
     budget = bench_cfg["budgets"][args.budget]
@@ -91,7 +94,7 @@ def main(argv=None) -> dict:
     bad = [o for o in orders or [] if o not in known_orders]
     if bad:
         raise SystemExit(f"error: --orders: unknown {', '.join(bad)}; one of {', '.join(known_orders)}")
-    data_root = resolve_repo_path(args.data_root or bench_cfg["data_root"])
+    data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
     if args.model == "smollm2":
         return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run, methods=methods, orders=orders,
                               report_only=args.report_only)

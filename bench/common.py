@@ -47,12 +47,53 @@ def exit_2_on_error(main):
 
 
 def resolve_repo_path(path: str | Path) -> Path:
+    """A path written in a config file: relative ones are relative to the repository (where the configs live)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else (REPO / path).resolve()
 
 
+def cli_path(path: str | Path) -> Path:
+    """A path given on the command line: relative ones are relative to the working directory, as in any CLI."""
+    return Path(path).expanduser().resolve()
+
+
 def read_yaml_file(path: str | Path) -> dict:
-    return yaml.safe_load(Path(path).read_text()) or {}
+    """A YAML mapping; a missing, unreadable or non-mapping file is one `error:` line (exit 2 under exit_2_on_error)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: not found") from None
+    except OSError as err:
+        raise SystemExit(f"error: {path}: cannot read it ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise SystemExit(f"error: {path}: expected YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def read_bench_config(path: str) -> dict:
+    """A bench config (configs/bench/*.yaml) named on the command line, its top-level keys checked."""
+    cfg = read_yaml_file(path)  # relative to the working directory, and named in errors as given
+    missing = [key for key in ("budgets", "methods", "preset", "data_root") if key not in cfg]
+    if missing:
+        raise SystemExit(f"error: {path}: expected a bench config (configs/bench/*.yaml) with {', '.join(missing)}")
+    return cfg
+
+
+def read_json_file(path: str | Path, what: str) -> dict:
+    """A JSON object written by one of our jobs; a missing or broken one is one `error:` line naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: not found; expected {what}") from None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {path}: expected {what} (unreadable: {err})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: expected {what} (a JSON object)")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- run configs

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from statistics import fmean
 
-from bench.common import CACHE, REPO, _f, read_yaml_file, resolve_repo_path, run_key, run_one, suite_dict, write_suite
+from bench.common import (CACHE, REPO, _f, cli_path, read_json_file, read_yaml_file, resolve_repo_path, run_key,
+                          run_one, suite_dict, write_suite)
 from bench.compare import lambda_section, paired_section, seeds_section
 
 MODEL = "smollm2-135m-instruct"
@@ -36,19 +37,23 @@ NOTES = [
     "fp32, `models/registry.py`), every method with the same base, LoRA, data, budget and LoRA draw; scores are label "
     "accuracy by ranking the label options' log-likelihood (0–100). AA = mean of the last R row; BWT, FWT and mean "
     "forgetting as in TRACE / O-LoRA (`saefd_ray/eval/summary.py`). 'val AA' is the same on the validation split "
-    "(32 examples per task carved from train, disjoint from it, seeded: these folders have no dev.json), which alone chose the lr and the strongest regularizer; test only reports.",
+    "(32 examples per task carved from train, disjoint from it, seeded: these folders have no dev.json), which "
+    "alone chose the lr and the strongest regularizer; test only reports.",
     "sae_fd and sae_reg use the SAE of configs/sae_smollm2.yaml (FAST: each chat instance alone). Method "
     "hyperparameters are configs/bench/cl4.yaml's defaults (sae_fd: ρ 0.15, EMA 0.05, λ clip [0.2, 10]), fixed "
     "before any run. Results are reported as they came out; none were selected.",
 ]
 
 
-def ensure_sae(sae_run: str | None, data_root: Path, log=print) -> dict:
-    """The SAE folder (layer from configs/sae_smollm2.yaml) and its held-out evaluation; trains it if needed."""
+def ensure_sae(sae_run: Path | None, data_root: Path, log=print) -> dict:
+    """The SAE folder (layer from configs/sae_smollm2.yaml) and its held-out evaluation; trains it if needed.
+
+    A `sae_run` given is checked before any training: a finished jobs/train_sae.py run (sae_report.json) of this
+    suite's model. Errors are one `error:` line."""
     cfg = read_yaml_file(SAE_CONFIG)
     layer = cfg["layers"][0]
     if sae_run:
-        run_dir = resolve_repo_path(sae_run)
+        run_dir = sae_run
     else:
         digest = hashlib.sha256(SAE_CONFIG.read_bytes()).hexdigest()[:8]
         run_dir = CACHE / f"sae-smollm2-{digest}"
@@ -57,17 +62,31 @@ def ensure_sae(sae_run: str | None, data_root: Path, log=print) -> dict:
                        "--set", f"output.root={CACHE}", "--set", f"output.run_name={run_dir.name}",
                        "--set", f"data.data_root={data_root}"]
             log("[sae] " + " ".join(command))
-            subprocess.run(command, check=True, cwd=REPO)
-    report_path = run_dir / "sae_report.json"
-    if not report_path.is_file():
-        raise SystemExit(f"error: {report_path}: not found; --sae-run must be a finished jobs/train_sae.py run")
-    report = json.loads(report_path.read_text())
-    folder = Path(report["checkpoint"]) / f"layer_{layer}"
+            if subprocess.run(command, cwd=REPO).returncode != 0:  # train_sae printed its own error line
+                raise SystemExit(f"error: {SAE_CONFIG}: jobs/train_sae.py failed (see above); no SAE for sae_fd, sae_reg")
+    report = read_json_file(run_dir / "sae_report.json", "a finished jobs/train_sae.py run's sae_report.json")
+    trained_on = read_json_file(run_dir / "sae_config.json", "the SAE run's sae_config.json")
+    model = (trained_on.get("config") or {}).get("model", {}).get("name_or_path")
+    if model != MODEL:
+        raise SystemExit(f"error: {run_dir}: an SAE of {model!r}; this suite's model is {MODEL!r}")
+    if str(layer) not in report.get("eval", {}).get("layers", {}):
+        raise SystemExit(f"error: {run_dir}: its sae_report.json has no layer {layer} (configs/sae_smollm2.yaml's)")
+    folder = Path(report.get("checkpoint", "")) / f"layer_{layer}"
     if not (folder / "cfg.json").is_file():
         raise SystemExit(f"error: {folder}: no SAE folder (cfg.json) in {run_dir}")
     return {"model": MODEL, "sae": str(folder), "layer": layer, "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize(),
             "sae_run": str(run_dir), "sae_eval": report.get("eval", {}).get("layers", {})}
+
+
+def recorded_sae_run(stem: str) -> Path | None:
+    """The SAE run the last report of this budget used (its `base.sae_run`): --report-only's default, so that the
+    sae_fd / sae_reg runs are found under the same keys without retyping --sae-run."""
+    path = REPO / "bench" / "results" / f"{stem}.json"
+    if not path.is_file():
+        return None
+    recorded = read_json_file(path, "a suite report").get("base", {}).get("sae_run")
+    return Path(recorded) if recorded else None
 
 
 def val_aa(run: dict | None) -> float | None:
@@ -121,8 +140,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     methods = methods or budget["methods"]
     orders = orders or [str(o) for o in budget["orders"]]
     extra = [m for m in budget.get("order1_methods", []) if m not in methods]
-    if sae_run and not (resolve_repo_path(sae_run) / "sae_report.json").is_file():  # fail before hours of probes
-        raise SystemExit(f"error: --sae-run {sae_run}: expected a finished jobs/train_sae.py run (its sae_report.json)")
+    stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
+    sae_run = cli_path(sae_run) if sae_run else (recorded_sae_run(stem) if report_only else None)
     if not report_only:
         lock_suite()
     began = time.time()
@@ -131,17 +150,18 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     base = {"model": MODEL, "layer": cfg["layers"][0], "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize()}
     base_s = 0.0
-    if sae_run:  # a finished run: only read, so the report names the SAE from the first run on
+    if sae_run:  # a finished run: checked and read before hours of probes, so the report names it from the start
         base.update(ensure_sae(sae_run, data_root, log))
     if not report_only:
         ensure_ray(budget)
     runs: dict[str, dict] = {}
     state = {"lr_choice": None, "strongest": None}
-    stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
 
     def run(order: str, name: str, seed: int = 0, lr: float | None = None, key: str | None = None) -> None:
         nonlocal base_s
         if name in ("sae_fd", "sae_reg") and "sae" not in base:
+            if report_only:  # no SAE known (no --sae-run, none recorded): nothing to load, and never train one here
+                return
             t0 = time.time()
             base.update(ensure_sae(sae_run, data_root, log))
             base_s = time.time() - t0

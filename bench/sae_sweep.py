@@ -3,7 +3,8 @@
     python bench/sae_sweep.py                                    # configs/sae_smollm2.yaml, coefficients 2 5
     python bench/sae_sweep.py --coefficients 0.5 1 2 --config configs/sae_smollm2.yaml
 
-One `jobs/train_sae.py` run per coefficient (output runs/<run_name>_c<coef>/), every other setting the config's.
+One `jobs/train_sae.py` run per coefficient (output <output.root>/<run_name>_c<coef>/, `--set output.*` honoured),
+every other setting the config's (and `--set`'s).
 With `data.cache` on, the first run harvests and every later one streams the cached activations, so a coefficient
 costs SAE training only. A finished run (its sae_report.json exists) is read, never redone; the report is rewritten
 after each run. Everything is measured on the config's held-out *training* instances (`data.eval_instances`), never
@@ -25,11 +26,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import exit_2_on_error  # noqa: E402
+from bench.common import cli_path, exit_2_on_error, read_json_file, read_yaml_file, resolve_repo_path  # noqa: E402
 from saefd_ray.io import atomic_write_text  # noqa: E402
 
 CE_FLOOR = 0.90
 METRICS = ("l0", "fvu", "mse", "log2_mse_special", "dead_fraction_eval", "ce_loss_recovered")
+
+
+def _shown(path: Path) -> str:
+    """A run dir as the report shows it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def pick(rows: list[dict]) -> dict | None:
@@ -68,37 +74,46 @@ def markdown(config: str, rows: list[dict], chosen: dict | None) -> str:
 @exit_2_on_error
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/sae_smollm2.yaml")
+    ap.add_argument("--config", default=str(REPO / "configs" / "sae_smollm2.yaml"))
     ap.add_argument("--coefficients", nargs="+", type=float, default=[2.0, 5.0])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None, help="output stem: writes <out>.json and <out>.md "
+                    "(default bench/results/<run_name>_sweep)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs; train none")
     args = ap.parse_args(argv)
-    import yaml
-
-    config_path = REPO / args.config
-    if not config_path.is_file():
-        raise SystemExit(f"error: {args.config}: SAE config not found")
-    cfg = yaml.safe_load(config_path.read_text())
-    root, name = cfg.get("output", {}).get("root", "runs"), cfg.get("output", {}).get("run_name", "sae")
+    config_path = cli_path(args.config)
+    cfg = read_yaml_file(config_path)
+    output = dict(cfg.get("output") or {})
+    for override in args.overrides:  # the runs are found where train_sae will write them, --set output.* included
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {override}: expected KEY=VALUE")
+        if key in ("output.root", "output.run_name"):
+            output[key.split(".")[1]] = value
+    root, name = output.get("root", "runs"), output.get("run_name", "sae")
     rows = []
-    out = REPO / "bench" / "results" / f"{name}_sweep"
+    out = cli_path(args.out) if args.out else REPO / "bench" / "results" / f"{name}_sweep"
     for coefficient in args.coefficients:
-        run_dir = REPO / root / f"{name}_c{coefficient:g}"
+        run_dir = resolve_repo_path(root) / f"{name}_c{coefficient:g}"
         report = run_dir / "sae_report.json"
+        if not report.is_file() and args.report_only:
+            raise SystemExit(f"error: {run_dir}: no sae_report.json (--report-only trains nothing)")
         if not report.is_file():
-            command = [sys.executable, str(REPO / "jobs" / "train_sae.py"), "--config", str(REPO / args.config),
-                       "--set", f"sae.sparsity_coefficient={coefficient}", "--set", f"output.run_name={run_dir.name}",
-                       *[x for o in args.overrides for x in ("--set", o)]]
+            command = [sys.executable, str(REPO / "jobs" / "train_sae.py"), "--config", str(config_path),
+                       *[x for o in args.overrides for x in ("--set", o)],  # the sweep's own settings come last
+                       "--set", f"output.root={run_dir.parent}", "--set", f"output.run_name={run_dir.name}",
+                       "--set", f"sae.sparsity_coefficient={coefficient}"]
             print("[sweep] " + " ".join(command), flush=True)
             if subprocess.run(command, cwd=REPO).returncode != 0:  # train_sae printed its own error line
                 raise SystemExit(f"error: coefficient {coefficient:g}: jobs/train_sae.py failed (see above)")
-        rows.append({"coefficient": coefficient, "run_dir": str(run_dir.relative_to(REPO)),
-                     **layer_metrics(json.loads(report.read_text()))})
+        rows.append({"coefficient": coefficient, "run_dir": _shown(run_dir),
+                     **layer_metrics(read_json_file(report, "jobs/train_sae.py's sae_report.json"))})
         chosen = pick(rows)
-        result = {"config": args.config, "rule": f"largest coefficient with ce_loss_recovered >= {CE_FLOOR}, "
+        result = {"config": _shown(config_path), "rule": f"largest coefficient with ce_loss_recovered >= {CE_FLOOR}, "
                   "else the smallest", "rows": rows, "chosen": chosen}
         atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
-        atomic_write_text(out.with_suffix(".md"), markdown(args.config, rows, chosen))
-    print(f"wrote {out.relative_to(REPO)}.{{json,md}}; chosen: {pick(rows)}")
+        atomic_write_text(out.with_suffix(".md"), markdown(_shown(config_path), rows, chosen))
+    print(f"wrote {_shown(out)}.{{json,md}}; chosen: {pick(rows)}")
     return {"rows": rows, "chosen": pick(rows)}
 
 

@@ -24,7 +24,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import exit_2_on_error, read_yaml_file, resolve_repo_path, run_suite, write_suite  # noqa: E402
+from bench.common import (cli_path, exit_2_on_error, read_bench_config,  # noqa: E402
+                          resolve_repo_path, run_suite, write_suite)
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "trace.yaml"
 
@@ -44,15 +45,15 @@ def write(suite: dict, base_s: float, began: float) -> list:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="small", help="smoke, small or full")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="the bench config (budgets, methods, preset)")
     ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")
     ap.add_argument("--data-root", default=None, help="default: the bench config's (../shared/data/trace)")
     args = ap.parse_args(argv)
-    bench_cfg = read_yaml_file(args.config)
+    bench_cfg = read_bench_config(args.config)
     if args.budget not in bench_cfg["budgets"]:
         raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
     budget = bench_cfg["budgets"][args.budget]
-    data_root = resolve_repo_path(args.data_root or bench_cfg["data_root"])
+    data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
     began = time.time()
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began

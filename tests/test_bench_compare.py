@@ -123,3 +123,75 @@ def test_reading_a_finished_run_keeps_its_recorded_wall_time(tmp_path):
     assert cost == {"median_step_s": 2.0, "wall_s": 4440.5, "resumed": False}
     assert json.loads((tmp_path / WALL_FILE).read_text())["wall_s"] == 4440.5
     assert run_cost(tmp_path, results, 12.0)["wall_s"] == 12.0  # a call that trained records its own
+
+
+def _bench_cli(script: str, *args: str, cwd: Path) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    from bench.common import REPO
+
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "not found"),
+    ("budgets: [", "expected YAML (while parsing"),
+    ("- a list\n", "expected a YAML mapping, got list"),
+    ("budgets: {}\nmethods: {}\n", "expected a bench config (configs/bench/*.yaml) with preset, data_root"),
+])
+def test_a_bad_bench_config_is_one_error_line(tmp_path, content, expected):
+    path = tmp_path / "bench.yaml"
+    if content is not None:
+        path.write_text(content)
+    # relative to the working directory, as any command-line path
+    done = _bench_cli("cl_replication.py", "--config", "bench.yaml", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()  # one line, no traceback
+    assert line.startswith(f"error: bench.yaml: {expected}"), line
+
+
+def test_an_sae_run_of_another_model_or_a_broken_report_is_refused(tmp_path):
+    import json
+
+    from bench.real_suite import ensure_sae
+
+    run = tmp_path / "sae_tiny"
+    run.mkdir()
+    with pytest.raises(SystemExit, match=r"^error: .*sae_report.json: not found; expected a finished"):
+        ensure_sae(run, tmp_path)
+    (run / "sae_report.json").write_text("{broken")
+    with pytest.raises(SystemExit, match=r"^error: .*sae_report.json: expected a finished .* \(unreadable: "):
+        ensure_sae(run, tmp_path)
+    (run / "sae_report.json").write_text(json.dumps({"checkpoint": str(run), "eval": {"layers": {"12": {}}}}))
+    (run / "sae_config.json").write_text(json.dumps({"config": {"model": {"name_or_path": "tiny"}}}))
+    with pytest.raises(SystemExit, match=r"^error: .*sae_tiny: an SAE of 'tiny'; this suite's model is "
+                                         r"'smollm2-135m-instruct'$"):
+        ensure_sae(run, tmp_path)
+
+
+def test_sae_sweep_finds_its_runs_under_set_output(tmp_path):
+    """`--set output.root/run_name` move the runs; the sweep reads them there (a finished run is never redone)."""
+    import json
+
+    from bench.common import REPO
+
+    metrics = {"l0": 50.0, "fvu": 0.2, "mse": 1.0, "log2_mse_special": 0.5, "dead_fraction_eval": 0.0,
+               "ce_loss_recovered": 0.95}
+    for coefficient in (2, 5):
+        run = tmp_path / "elsewhere" / f"mine_c{coefficient}"
+        run.mkdir(parents=True)
+        report = {"eval": {"layers": {"12": {**metrics, "l0": 100.0 / coefficient}}}}
+        (run / "sae_report.json").write_text(json.dumps(report))
+    done = _bench_cli("sae_sweep.py", "--set", "output.run_name=mine", "--out", "sweep", "--report-only", cwd=tmp_path)
+    assert done.returncode == 2  # the config's output.root (runs/ of the repository) has no run named mine_c2
+    assert done.stderr.splitlines() == [f"error: {REPO / 'runs' / 'mine_c2'}: no sae_report.json (--report-only "
+                                        "trains nothing)"]
+    done = _bench_cli("sae_sweep.py", "--set", f"output.root={tmp_path / 'elsewhere'}", "--set",
+                      "output.run_name=mine", "--out", "sweep", "--report-only", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert [row["l0"] for row in result["rows"]] == [50.0, 20.0]
+    assert result["chosen"]["coefficient"] == 5.0  # the largest with CE-loss recovered >= 0.9
+    assert "| 5 **(chosen)** | 20.0 |" in (tmp_path / "sweep.md").read_text()
