@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -91,9 +92,13 @@ class StageProgress:
     """Driver: one live bar for training (step / total, task loss, λ and share for sae_fd, step time, ETA) and one
     for scoring (tasks scored / total), fed from a `ProgressChannel` by a background thread.
 
-    On a terminal the bars redraw in place; in a log file or a pipe rich prints each bar once, when the stage ends.
+    On a terminal the bars redraw in place. In a log file or a pipe (`ray job logs`, nohup) rich prints each bar only
+    when the stage ends, which on a real model is half an hour of silence; there the stage's status is also printed
+    as one plain line every HEARTBEAT_S seconds while it changes.
     `enabled=False` (verbose mode, Tune trials) makes every method a no-op and creates no actor.
     """
+
+    HEARTBEAT_S = 60.0
 
     def __init__(self, label: str, enabled: bool = True, console: Console | None = None, unit: str = "steps"):
         self.label, self.enabled, self.unit = label, enabled, unit
@@ -104,13 +109,9 @@ class StageProgress:
         self.channel = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "StageProgress":
-        if not self.enabled:
-            return self
-        from saefd_ray.observe.channel import ProgressChannel
-
-        self.channel = ProgressChannel.remote()
+        self._began = time.monotonic()
+        self._status = ""  # the latest status as a plain line (heartbeat)
+        self._printed: tuple[float, str] = (self._began, "")  # when the last heartbeat line was printed, and what
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -118,6 +119,13 @@ class StageProgress:
         )
         self.train_row = self.progress.add_task(self.label, total=None, unit=self.unit, stats="")
         self.score_rows: dict[str, int] = {}
+
+    def __enter__(self) -> "StageProgress":
+        if not self.enabled:
+            return self
+        from saefd_ray.observe.channel import ProgressChannel
+
+        self.channel = ProgressChannel.remote()
         self.progress.start()
         self._thread = threading.Thread(target=self._poll, name="saefd-progress", daemon=True)
         self._thread.start()
@@ -129,6 +137,8 @@ class StageProgress:
         while not self._stop.wait(0.5):
             try:
                 self.apply(ray.get(self.channel.drain.remote(), timeout=10))
+                if not self.console.is_terminal and (line := self.heartbeat(time.monotonic())):
+                    self.console.print(line, highlight=False, soft_wrap=True)
             except Exception:  # a progress bar must never break the run; the next poll retries
                 continue
 
@@ -137,12 +147,23 @@ class StageProgress:
             if record.get("kind") == "train":
                 self.progress.update(self.train_row, completed=record["step"], total=record["total"],
                                      stats=_stats(record))
+                self._status = f"{record['step']}/{record['total']} {self.unit}  {_stats(record)}".rstrip()
             elif record.get("kind") == "score":
                 what = record.get("what", "test")
                 if what not in self.score_rows:
                     self.score_rows[what] = self.progress.add_task(f"  scoring ({what})", total=record["total"],
                                                                    unit="tasks", stats="")
                 self.progress.update(self.score_rows[what], completed=record["done"], total=record["total"])
+                self._status = f"scoring ({what}) {record['done']}/{record['total']} tasks"
+
+    def heartbeat(self, now: float) -> str | None:
+        """The status as one plain line `<label> [<elapsed> s] <status>`, when HEARTBEAT_S seconds have passed since
+        the last line and the status changed; else None. `now`: time.monotonic()."""
+        last_at, last = self._printed
+        if not self._status or self._status == last or now - last_at < self.HEARTBEAT_S:
+            return None
+        self._printed = (now, self._status)
+        return f"{self.label} [{now - self._began:.0f} s] {self._status}"
 
     def __exit__(self, *exc) -> None:
         if not self.enabled:
