@@ -67,3 +67,66 @@ def test_cached_option_scores_equal_per_option_forwards(tiny_model_path, one_thr
     ]
     # a truncated option (max_answer_len 4 keeps 3 tokens + EOS) is scored on what is kept
     assert len(answer_ids(tokenizer, OPTIONS[2], 4)) == 4
+
+
+class FullLogits(torch.nn.Module):
+    """The model with `logits_to_keep` forced to 0 (logits at every position): scoring as it was before the
+    prompt pass kept only the last position. Records what the scorer asked for."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.asked: list = []
+
+    def forward(self, **kwargs):
+        self.asked.append(kwargs.get("logits_to_keep"))
+        return self.model(**{**kwargs, "logits_to_keep": 0})
+
+
+def test_prompt_pass_computes_last_logits_only_and_scores_the_same(tiny_model_path, one_thread):
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = lora_model(tiny_model_path)
+    rng = random.Random(1)
+    words = ["kalo", "mitu", "rezo", "pani", "suve", "dobi"]
+    examples = [Example(" ".join(rng.choices(words, k=rng.randint(1, 40))), "north") for _ in range(10)]
+    cfg = RunConfig.model_validate({
+        "tasks": {"sequence": [{"name": "a", "format": "synthetic", "generator": "rule_a"}]},
+        "training": {"max_prompt_len": 48, "max_answer_len": 4},
+        "evaluation": {"batch_size": 4},  # batches of 4, 4, 2 with different left padding
+    })
+    head_shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: head_shapes.append(out.shape))
+    try:
+        kept = option_scores(model, tokenizer, examples, OPTIONS, cfg, torch.device("cpu"))
+    finally:
+        handle.remove()
+    assert len(head_shapes) == 6  # 3 batches x (prompt pass, options pass)
+    assert all(shape[1] == 1 for shape in head_shapes[0::2])  # the prompt pass: the LM head at one position
+    assert all(shape[1] > 1 for shape in head_shapes[1::2])  # the options pass: every option position
+
+    wrapped = FullLogits(model)
+    full = option_scores(wrapped, tokenizer, examples, OPTIONS, cfg, torch.device("cpu"))
+    assert wrapped.asked[0::2] == [1, 1, 1]  # the keyword reaches the model through peft
+    # float32 rounding only (the LM head's matmul over 1 vs all rows may block differently): a few ulps
+    assert torch.allclose(kept, full, rtol=1e-6, atol=1e-6), (kept - full).abs().max()
+    assert torch.equal(kept.argmax(-1), full.argmax(-1))
+
+
+def test_generation_prefill_keeps_one_position(tiny_model_path, one_thread):
+    """HF generate already asks for the last position's logits only in its prefill (through peft too)."""
+    from saefd_ray.eval.scoring import generated_predictions
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = lora_model(tiny_model_path)
+    cfg = RunConfig.model_validate({
+        "tasks": {"sequence": [{"name": "a", "format": "synthetic", "generator": "rule_a"}]},
+        "training": {"max_prompt_len": 48}, "evaluation": {"batch_size": 2, "max_new_tokens": 3},
+    })
+    head_shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: head_shapes.append(out.shape))
+    try:
+        generated_predictions(model, tokenizer, [Example("kalo mitu rezo pani", "x"), Example("suve", "x")], cfg,
+                              torch.device("cpu"), synced=False)
+    finally:
+        handle.remove()
+    assert head_shapes and all(shape[1] == 1 for shape in head_shapes), head_shapes

@@ -34,7 +34,10 @@ def option_scores(model, tokenizer, examples: list[Example], options: list[str],
 
     Each batch of prompts runs once; its KV cache is repeated for the options, which then run as one short
     batch. With 14 labels and 100-token prompts that is ~10x fewer tokens than scoring prompt+option per
-    option. Both passes run on every batch, so ranks keep equal forward counts (ZeRO-3).
+    option. The prompt pass needs only its last position's logits (`logits_to_keep=1`): the LM head is the
+    largest matmul of a small model's forward (SmolLM2: vocab 49,152 x 576, 28 M of its 135 M weights), and
+    over every prompt position it would be computed to be thrown away. Both passes run on every batch, so
+    ranks keep equal forward counts (ZeRO-3).
     """
     n = len(options)
     encoded = [answer_ids(tokenizer, option, cfg.training.max_answer_len) for option in options]
@@ -52,7 +55,7 @@ def option_scores(model, tokenizer, examples: list[Example], options: list[str],
         prompts = [prompt_ids(tokenizer, e.prompt, cfg.training.max_prompt_len) for e in examples[start : start + bs]]
         ids, mask = (t.to(device) for t in left_padded(prompts, tokenizer.pad_token_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)  # rows: example 0 option 0..n-1, example 1 option 0..n-1, ...
         rows = len(prompts) * n
