@@ -28,15 +28,27 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def last_position(device) -> torch.Tensor:
+    """`logits_to_keep` for the last position only, as an index tensor rather than the int 1.
+
+    With the int, transformers slices the hidden states to a strided view, and the CPU matmul of the LM head
+    over that view rounded differently for the base model and the same model freshly LoRA-wrapped (logits
+    ~2e-6 apart, also in HF generate's prefill, which passes the int by default). With an index tensor it
+    gathers them into a fresh contiguous tensor, and the two agree bit for bit: the base-row cache relies on
+    that (train/base_rows.py, tests/test_base_rows.py).
+    """
+    return torch.tensor([-1], device=device)
+
+
 @torch.no_grad()
 def option_scores(model, tokenizer, examples: list[Example], options: list[str], cfg, device) -> torch.Tensor:
     """Σ log p(option tokens | prompt) for every (example, option): a (len(examples), len(options)) tensor.
 
     Each batch of prompts runs once; its KV cache is repeated for the options, which then run as one short
     batch. With 14 labels and 100-token prompts that is ~10x fewer tokens than scoring prompt+option per
-    option. The prompt pass needs only its last position's logits (`logits_to_keep=1`): the LM head is the
-    largest matmul of a small model's forward (SmolLM2: vocab 49,152 x 576, 28 M of its 135 M weights), and
-    over every prompt position it would be computed to be thrown away. Both passes run on every batch, so
+    option. The prompt pass needs only its last position's logits: the LM head is the largest matmul of a
+    small model's forward (SmolLM2: vocab 49,152 x 576, 28 M of its 135 M weights), and over every prompt
+    position it would be computed to be thrown away (`last_position`). Both passes run on every batch, so
     ranks keep equal forward counts (ZeRO-3).
     """
     n = len(options)
@@ -55,7 +67,8 @@ def option_scores(model, tokenizer, examples: list[Example], options: list[str],
         prompts = [prompt_ids(tokenizer, e.prompt, cfg.training.max_prompt_len) for e in examples[start : start + bs]]
         ids, mask = (t.to(device) for t in left_padded(prompts, tokenizer.pad_token_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=last_position(device))  # left padding: every prompt ends in the last column
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)  # rows: example 0 option 0..n-1, example 1 option 0..n-1, ...
         rows = len(prompts) * n
@@ -98,6 +111,7 @@ def generated_predictions(model, tokenizer, examples: list[Example], cfg, device
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             synced_gpus=synced,
+            logits_to_keep=last_position(device),  # every step's LM head at one position (prefill included)
         )
         predictions += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
     return predictions
@@ -131,12 +145,17 @@ def score_task(model, tokenizer, task: Task, cfg, device, split: str = "test") -
     return score(task.metric, ordered, references, sources=sources)
 
 
-def score_row(model, tokenizer, tasks: list[Task], cfg, device, split: str = "test", on_task=None) -> list[float]:
-    """One R-matrix row: every task's score on its `split`; `on_task(done, total)` after each task (progress)."""
+def score_row(model, tokenizer, tasks: list[Task], cfg, device, split: str = "test", on_task=None,
+              known: list[float | None] | None = None) -> list[float]:
+    """One R-matrix row: every task's score on its `split`; `on_task(done, total)` after each task (progress).
+
+    `known`: scores already known per task (the base row's cache, train/base_rows.py), taken as they are; the
+    tasks whose entry is None are scored. Every rank gets the same list, so all skip the same forwards."""
     model.eval()
     row = []
-    for task in tasks:
-        row.append(score_task(model, tokenizer, task, cfg, device, split))
+    for index, task in enumerate(tasks):
+        cached = known[index] if known is not None else None
+        row.append(cached if cached is not None else score_task(model, tokenizer, task, cfg, device, split))
         if on_task is not None:
             on_task(len(row), len(tasks))
     model.train()

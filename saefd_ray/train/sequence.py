@@ -23,6 +23,7 @@ from saefd_ray.errors import CheckpointError, NonFiniteLossError
 from saefd_ray.io import atomic_write_text, sha256_file, tree_digest
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
+from saefd_ray.train import base_rows
 from saefd_ray.train.failures import fit_with_retries
 from saefd_ray.train.deepspeed_setup import select_accelerator
 from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
@@ -135,8 +136,9 @@ def init_ray(address: str | None = None) -> None:
 
 
 def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
-             examples, score_base: bool, observe: dict | None = None) -> Path:
-    """Train task `index` on Ray Train; returns the local folder of its reported checkpoint."""
+             examples, score_base: bool, observe: dict | None = None, base_cache: list[dict] | None = None) -> Path:
+    """Train task `index` on Ray Train; returns the local folder of its reported checkpoint. `score_base`: also
+    score the base row, taking the scores `base_cache` knows (train/base_rows.py)."""
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -154,6 +156,7 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
                 "state_in": str(state_in) if state_in else None,
                 "train_examples": examples,
                 "score_base": score_base,
+                "base_cache": base_cache,
                 "observe": observe,  # TensorBoard folder, progress channel, step offset (saefd_ray.observe.monitor)
                 # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of
                 # the rank: the worker on that node): SIGKILL that worker once.
@@ -196,6 +199,8 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     every stage (also one finished earlier and only loaded) with the 0-based stage index and the **validation**
     R-matrix rows so far (base row first): Tune trials report from it, so nothing is ever chosen on test.
     results.json holds both matrices: `r_matrix` (test, the report) and `r_matrix_validation`.
+    The base row's scores are computed once per `output.root` (train/base_rows.py): `base_row_cache` in
+    results.json says, per task, under which digest and whether this run took them from there.
     `progress`: live progress bars on the console (off in --verbose mode and in Tune trials).
     """
     from saefd_ray.observe.console import StageProgress, verbose
@@ -213,16 +218,20 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     tokenizer = load_tokenizer(model_path, config.model.require_chat_template)
     method.validate(model_path)  # e.g. an SAE that does not fit the model fails here, before any training
     check_run(config, tasks, model_path, tokenizer, method.joint_training)  # what every worker would build
-    run_dir = prepare_run_dir(config, input_digests(tasks, model_path, method.sae_folders()))
+    inputs = input_digests(tasks, model_path, method.sae_folders())
+    run_dir = prepare_run_dir(config, inputs)
     init_ray(config.distributed.ray_address)
 
     names = [t.name for t in tasks]
     stages = [0] if method.joint_training else list(range(len(tasks)))
     rows: list[list[float]] = []  # test: the report
     rows_validation: list[list[float]] = []  # validation: what selection reads
+    base_row_cache = None
     timings: dict[str, float] = {}
     state_in: Path | None = None
     step_offset = 0  # optimizer steps of the earlier stages: the TensorBoard x axis runs over the whole sequence
+    model_digest = inputs["model"] if Path(model_path).expanduser().exists() else None
+    base_cache = base_rows.entries(config, tasks, model_digest)  # base scores earlier runs on this root computed
     show = progress and not verbose()
     for index in stages:
         label = "all" if method.joint_training else names[index]
@@ -238,7 +247,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
             with StageProgress(stage, enabled=show) as bar:
                 observe = {"tb_dir": str(run_dir / "tb"), "progress": bar.channel, "step_offset": step_offset}
                 checkpoint = run_task(config, index, tasks, model_path, state_in, examples, score_base=index == 0,
-                                      observe=observe)
+                                      observe=observe, base_cache=base_cache if index == 0 else None)
             publish(checkpoint, folder)
             timings[f"task_{label}_s"] = round(time.time() - began, 2)
         metrics = json.loads((folder / ROW_FILE).read_text())
@@ -246,6 +255,9 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         if index == 0:
             rows.append(metrics["base_row"])
             rows_validation.append(metrics["base_row_validation"])
+            base_rows.store(config, base_cache, metrics)
+            base_row_cache = {"folder": str(base_rows.cache_folder(config)), "tasks": metrics.get("base_cache"),
+                              "scoring_s": metrics.get("base_scoring_s")}
         rows.append(metrics["row"])
         rows_validation.append(metrics["row_validation"])
         state_in = folder
@@ -261,6 +273,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         "r_matrix_validation": rows_validation,
         "summary_validation": summarize(rows_validation, names),
         "validation": {t.name: {"source": t.validation_source, "size": len(t.validation)} for t in tasks},
+        "base_row_cache": base_row_cache,  # per task: digest, and whether its base scores came from the cache
         "timings": {"total_s": round(time.time() - started, 2), **timings},  # this call's
         "timings_earlier_calls": _earlier_timings(run_dir),  # a resumed or re-run sequence keeps what came before
         "config": config.model_dump(mode="json"),

@@ -94,11 +94,14 @@ def train_task(loop: dict) -> None:
     monitor = TaskMonitor(loop.get("observe"), config, rank, epochs * steps_per_epoch)
     names = [t.name for t in tasks]
 
-    base_rows = dict.fromkeys(SPLITS)
+    base_rows, base_seconds = dict.fromkeys(SPLITS), None
+    base_cache = loop.get("base_cache")  # per task: its cached base scores or None (train/base_rows.py)
     if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
+        began = time.perf_counter()
         base_rows = {split: score_row(engine.module, tokenizer, tasks, config, device, split,
-                                      on_task=lambda done, n, s=split: monitor.scoring(done, n, s))
-                     for split in SPLITS}
+                                      on_task=lambda done, n, s=split: monitor.scoring(done, n, s),
+                                      known=_known(base_cache, split)) for split in SPLITS}
+        base_seconds = round(time.perf_counter() - began, 3)
 
     start_epoch, start_step = _restore(engine, method)
     monitor.start(start_epoch * steps_per_epoch + start_step)
@@ -153,6 +156,10 @@ def train_task(loop: dict) -> None:
         "base_row": base_rows["test"],
         "row_validation": rows["validation"],  # the R matrix that Tune and any selection read
         "base_row_validation": base_rows["validation"],
+        # per task of the base row: its base-row cache digest and whether it came from there (train/base_rows.py)
+        "base_cache": [{"task": e["task"], "digest": e["digest"], "cached": e["known"] is not None}
+                       for e in base_cache] if loop["score_base"] and base_cache else None,
+        "base_scoring_s": base_seconds,
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
         "first_loss": float(losses[0]) if losses else None,
         "epoch_losses": epoch_losses,  # rank 0's mean task loss per epoch (this process's steps, after a resume)
@@ -166,6 +173,11 @@ def train_task(loop: dict) -> None:
         _write_task_checkpoint(engine.module, adapter, workdir, metrics)
         checkpoint = ray.train.Checkpoint.from_directory(str(workdir))
     ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _known(base_cache: list[dict] | None, split: str) -> list[float | None] | None:
+    """The base scores of `split` the driver found cached (None: score that task), for score_row."""
+    return [(entry["known"] or {}).get(split) for entry in base_cache] if base_cache else None
 
 
 def _mean_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
