@@ -11,8 +11,13 @@ DeepSpeed is left out: it adds the same per-step work to every method.
     python bench/overhead.py [--rounds 7] [--steps 20] [--threads 1] [--out bench/results/overhead.json]
     python bench/overhead.py --methods seq_lora,sae_fd --set model.tiny.hidden_size=512 --set model.tiny.num_layers=8 \
         --set model.tiny.intermediate_size=1376 --set model.tiny.num_heads=8 --out bench/results/overhead_wide.json
+    python bench/overhead.py --config configs/bench/overhead_smollm2.yaml \
+        --sae runs/sae_smollm2_c2/checkpoints/tok_000000823296/layer_12 --out bench/results/overhead_smollm2.json \
+        --methods seq_lora,sae_fd_anchor1=sae_fd:method.anchor_batch=1,sae_fd,sae_fd_anchor4=sae_fd:method.anchor_batch=4
 
-The SAE sits at mid-depth (layer n_layers/2 − 1), so the anchor pass runs half the layers whatever the model.
+Without `--sae` a random Gated SAE (8 × hidden) sits at mid-depth (layer n_layers/2 − 1), so the anchor pass runs
+half the layers whatever the model; `--sae` takes a trained one (SAELens folder) at the layer its metadata names —
+on SmolLM2 (layer 12 of 30, codes at trained sparsity) that is what the CL suite's sae_fd runs.
 
 Target (issue 5): SAE-FD ≤ 1.15× SeqLoRA (the paper reports 1.85×).
 """
@@ -33,13 +38,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from saefd_ray.config import load_config  # noqa: E402
+from saefd_ray.config import SaeSource, load_config  # noqa: E402
 from saefd_ray.data.render import collate, encode  # noqa: E402
 from saefd_ray.data.tasks import load_tasks  # noqa: E402
 from saefd_ray.methods import build_method  # noqa: E402
 from saefd_ray.methods.base import ADAPTER, TaskContext, peft_key, trainable_params  # noqa: E402
 from saefd_ray.models.loading import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from saefd_ray.methods.sae_source import read_sae_header  # noqa: E402
 from saefd_ray.sae import SAEConfig, build_sae, save_saelens  # noqa: E402
+from saefd_ray.sae.formats import load_saelens  # noqa: E402
 from saefd_ray.train.sequence import tokenizer_corpus  # noqa: E402
 
 # label[=method[:key=value;key=value]]: a variant of a method under its own label
@@ -54,13 +61,14 @@ def parse_spec(spec: str) -> tuple[str, str, list[str]]:
     return label, name, [s for s in sets.split(";") if s]
 
 
-def setup(spec: str, overrides: list[str], model_path: str, tasks, sae_dir: Path, layer: int, work: Path, batches):
+def setup(spec: str, config_path: str | None, overrides: list[str], model_path: str, tasks, sae_dir: Path, layer: int,
+          work: Path, batches):
     """Model + method as the worker has them at the start of task 2, with task 1's state on disk."""
     label, name, variant = parse_spec(spec)
     extra = [f"method.name={name}"]
     if name in ("sae_fd", "sae_reg"):
         extra += [f"method.sae.path={sae_dir}", f"method.sae.layer={layer}"]
-    config = load_config(None, extra + [o for o in overrides if o.startswith(("training.", "lora."))]
+    config = load_config(config_path, extra + [o for o in overrides if o.startswith(("training.", "lora."))]
                          + [o.split(":", 1)[1] for o in overrides if o.startswith(name + ":")] + variant)
     tokenizer = load_tokenizer(model_path)
     state1, state2 = work / label / "t1", work / label / "t2"
@@ -119,7 +127,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--d-sae", type=int, default=None, help="SAE width (default 8 × hidden)")
+    parser.add_argument("--d-sae", type=int, default=None, help="random SAE's width (default 8 × hidden)")
+    parser.add_argument("--sae", default=None, help="a trained SAE folder (SAELens layout), used at the layer its "
+                        "metadata names; default: a random Gated SAE at mid-depth")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="training.x=v / lora.x=v / model.x=v for all, or METHOD:method.x=v for one "
                              "(e.g. sae_fd:method.anchor_batch=2; model.tiny.hidden_size=512 for a wider model)")
@@ -138,18 +148,31 @@ def main(argv=None) -> dict:
     model_config = load_model(model_path).config
     hidden = model_config.hidden_size
     layer = model_config.num_hidden_layers // 2 - 1  # mid-depth: the anchor pass runs half the layers
+    if args.sae:
+        source = SaeSource(path=str(Path(args.sae).resolve()), layer=0)
+        d_in, named = read_sae_header(source, "--sae")
+        if named is None or d_in != hidden:
+            raise SystemExit(f"error: --sae {args.sae}: expected an SAE of d_in {hidden} naming its layer "
+                             f"(has d_in {d_in}, layer {named})")
+        layer = named
     t = base_cfg.training
     encoded = [encode(tokenizer, e, t.max_prompt_len, t.max_answer_len) for e in tasks[1].train]
     rng = random.Random(0)
     batches = [collate(rng.sample(encoded, t.batch_size), tokenizer.pad_token_id) for _ in range(args.steps)]
 
     work = Path(tempfile.mkdtemp(prefix="saefd-overhead-"))
-    sae_cfg = SAEConfig("gated", hidden, args.d_sae or 8 * hidden, metadata={"hook_name": f"blocks.{layer}.hook_resid_post"})
-    sae = build_sae(sae_cfg, seed=0)
-    with torch.no_grad():
-        sae.b_gate.fill_(0.05)
-    sae_dir = save_saelens(sae, work / "sae")
-    runs = {parse_spec(s)[0]: setup(s, args.overrides, model_path, tasks, sae_dir, layer, work, batches) for s in specs}
+    if args.sae:
+        sae_dir = Path(args.sae).resolve()
+        sae_cfg = load_saelens(sae_dir).cfg
+    else:
+        sae_cfg = SAEConfig("gated", hidden, args.d_sae or 8 * hidden,
+                            metadata={"hook_name": f"blocks.{layer}.hook_resid_post"})
+        sae = build_sae(sae_cfg, seed=0)
+        with torch.no_grad():
+            sae.b_gate.fill_(0.05)
+        sae_dir = save_saelens(sae, work / "sae")
+    runs = {parse_spec(s)[0]: setup(s, args.config, args.overrides, model_path, tasks, sae_dir, layer, work, batches)
+            for s in specs}
 
     for name in names:  # warm-up
         for batch in batches[:3]:
@@ -180,7 +203,8 @@ def main(argv=None) -> dict:
         "setup": {
             "model": base_cfg.model.name_or_path, "hidden": hidden, "layers": model_config.num_hidden_layers,
             "batch_size": t.batch_size, "mean_tokens_per_example": round(sum(len(e.input_ids) for e in encoded) / len(encoded), 1),
-            "sae": {"architecture": "gated", "d_sae": sae_cfg.d_sae, "layer": layer},
+            "sae": {"architecture": sae_cfg.architecture, "d_sae": sae_cfg.d_sae, "layer": layer,
+                    "trained": str(args.sae) if args.sae else None},
             "sae_fd": {"anchor_batch": fd_cfg.anchor_batch, "anchor_size": fd_cfg.anchor_size} if fd_cfg else None,
             "methods": specs,
             "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads, "overrides": args.overrides,
