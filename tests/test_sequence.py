@@ -24,6 +24,10 @@ def test_two_task_sequence_trains_and_reports(reference_run):
     for name in ("results.json", "report.md", "r_matrix.png", "config.json"):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "results.json").read_text())["r_matrix"] == rows
+    import torch  # what makes seeded numbers differ between machines is recorded with them
+
+    assert results["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert results["environment"]["versions"]["torch"] == torch.__version__
     for index, name in enumerate(["rule_a", "rule_b"]):
         folder = task_dir(run_dir, index, name)
         assert is_complete(folder)

@@ -43,8 +43,6 @@ def cache_folder(config: RunConfig) -> Path:
 
 def scoring_inputs(config: RunConfig, model_digest: str | None) -> dict | None:
     """Everything a base score depends on besides the task's own examples; None when it cannot be pinned down."""
-    import torch
-
     workers = config.distributed.num_workers
     if not isinstance(workers, int) or model_digest is None:
         return None
@@ -58,10 +56,19 @@ def scoring_inputs(config: RunConfig, model_digest: str | None) -> dict | None:
         "threads_per_worker": config.distributed.threads_per_worker,
         "use_gpu": config.distributed.use_gpu,
         "zero_stage": config.distributed.zero_stage,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # instruction sets round differently
-        "versions": {name: _version(name) for name in LIBRARIES},
+        **environment(),
         "code": {name: sha256_file(PACKAGE / name) for name in SCORING_CODE},
     }
+
+
+def environment() -> dict:
+    """What seeded numbers depend on besides the config and the inputs: the library versions and the CPU's
+    instruction set (torch's ATEN_CPU_CAPABILITY: the same batch's gradients differ between avx2 and default on one
+    box). results.json records it, so R matrices from two machines can be told apart (README: Reproducibility)."""
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "versions": {name: _version(name) for name in LIBRARIES}}
 
 
 def task_inputs(task: Task) -> dict:

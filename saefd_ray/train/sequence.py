@@ -274,6 +274,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         "summary_validation": summarize(rows_validation, names),
         "validation": {t.name: {"source": t.validation_source, "size": len(t.validation)} for t in tasks},
         "base_row_cache": base_row_cache,  # per task: digest, and whether its base scores came from the cache
+        "environment": base_rows.environment(),  # library versions and CPU instruction set (the driver's)
         "timings": {"total_s": round(time.time() - started, 2), **timings},  # this call's
         "timings_earlier_calls": _earlier_timings(run_dir),  # a resumed or re-run sequence keeps what came before
         "config": config.model_dump(mode="json"),
