@@ -178,7 +178,12 @@ def ensure_ray(budget: dict) -> None:
 
     if not ray.is_initialized():
         workers = budget.get("num_workers", 2)
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
+        from saefd_ray.observe.console import ray_init_options
+        from saefd_ray.train.sequence import pin_state_api
+
+        pin_state_api()  # a second Ray on the machine must not make Ray Train remove our placement group
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=max(os.cpu_count() or 1, workers),
+                 include_dashboard=False, **ray_init_options())  # quiet: stage progress comes as heartbeat lines
 
 
 def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: dict, data_root: Path, order: str,

@@ -39,6 +39,9 @@ def _ray_init(cpus: int) -> None:
 
     for attempt in range(3):
         try:
+            from saefd_ray.train.sequence import pin_state_api
+
+            pin_state_api()
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:  # noqa: BLE001 - "node timed out during startup"

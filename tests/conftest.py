@@ -58,7 +58,10 @@ def ray_cluster():
     """A local Ray for the session (4 logical CPUs on a 2-core box, so 2 train workers + a controller fit)."""
     import ray
 
+    from saefd_ray.train.sequence import pin_state_api
+
     if not ray.is_initialized():
+        pin_state_api()  # as the jobs do: Ray Train never asks another Ray on the machine about our controller
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -3,7 +3,9 @@
 - a Ray Train worker SIGKILLed mid-task: Ray restarts the worker group from the last mid-task checkpoint
   (`training.checkpoint_every`), finished tasks are not retrained, and the R matrix equals the uninterrupted run's;
 - the driver (`jobs/run_sequence.py`) SIGKILLed after task 1: the same command continues with task 2;
-- a non-finite loss stops the task with one message naming task, step and term.
+- a non-finite loss stops the task with one message naming task, step and term;
+- another Ray on the same machine cannot make Ray Train remove our placement group: the State API that Ray
+  Train's PlacementGroupCleaner asks is pinned in every process of our Ray (`sequence.pin_state_api`).
 """
 
 from __future__ import annotations
@@ -77,3 +79,26 @@ def test_nonfinite_loss_stops_with_a_clear_message(ray_cluster, tmp_path, cache_
     with pytest.raises(NonFiniteLossError, match=r"task 'rule_a' epoch 1 step \d+: task loss is (nan|inf)"):
         run_sequence(config)
     assert not (task_dir(config.run_dir, 0, "rule_a") / MANIFEST).exists()  # nothing bad was published
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_state_api_in_our_ray_processes_never_reaches_another_ray():
+    """Unpinned, a process of a dashboard-less local Ray auto-detects "the" Ray of the machine for State API
+    queries; with a second Ray running (a test session beside a job) Ray Train's cleaner was told our controller
+    did not exist and removed our placement group. Pinned, a query fails at once, which the cleaner ignores."""
+    import ray
+
+    from saefd_ray.train.sequence import STATE_API_PIN
+
+    @ray.remote(num_cpus=0)
+    def ask_state_api():
+        from ray.util.state import get_actor
+        from ray.util.state.exception import ServerUnavailable
+
+        try:
+            get_actor("ff" * 16, timeout=5)
+        except ServerUnavailable:
+            return os.environ.get("RAY_API_SERVER_ADDRESS")
+        return "answered"
+
+    assert ray.get(ask_state_api.remote(), timeout=120) == STATE_API_PIN

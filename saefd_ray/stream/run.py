@@ -97,7 +97,9 @@ def init_ray(config: SaeTrainConfig) -> None:
     d, data = config.distributed, config.data
     need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
     from saefd_ray.observe.console import ray_init_options
+    from saefd_ray.train.sequence import pin_state_api
 
+    pin_state_api()
     ray.init(address=address, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False,
              **ray_init_options())
 

@@ -121,6 +121,21 @@ def tokenizer_corpus(tasks: list[Task], per_task: int = 200) -> list[str]:
     return [text for task in tasks for e in task.train[:per_task] for text in (e.prompt, e.answer)]
 
 
+STATE_API_PIN = "http://127.0.0.1:9"  # serves nothing: every State API query fails at once
+
+
+def pin_state_api() -> None:
+    """Before a local Ray starts: the State API address every process it spawns inherits (`RAY_API_SERVER_ADDRESS`).
+
+    Ray Train V2's PlacementGroupCleaner asks the State API whether the train controller is alive. Unpinned, it
+    auto-detects "the" Ray of the machine; a local Ray without a dashboard has no State API, so it asked another
+    Ray on the same machine (a test session, another job) when there was one, was told the controller did not
+    exist, and removed our placement group mid-task (2026-12-01: a 20-minute SmolLM2 stage lost). Pinned, every
+    query fails (`ServerUnavailable`), which the cleaner logs and ignores. A value already set is kept.
+    """
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", STATE_API_PIN)
+
+
 def init_ray(address: str | None = None) -> None:
     """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray.
 
@@ -132,7 +147,10 @@ def init_ray(address: str | None = None) -> None:
     from saefd_ray.observe.console import ray_init_options
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **ray_init_options())
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address in (None, "local"):
+            pin_state_api()
+        ray.init(address=address, **ray_init_options())
 
 
 def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
