@@ -9,6 +9,7 @@ The benchmarks (each its own script and JSON, written by the issue that owns it)
   bench/harvest.py    -> harvest.json    activation harvesting vs a plain loop, and 2-worker scaling
   bench/overhead.py   -> overhead.json   per-step time of each CL method vs SeqLoRA (target: SAE-FD <= 1.15x)
                        overhead_wide.json  the same, SeqLoRA vs SAE-FD only, on a wider and deeper tiny model
+                       overhead_smollm2.json  SeqLoRA vs SAE-FD (anchor batch 1, 2, 4) on SmolLM2 and its SAE
 A missing script or a failed run is reported in the table, not hidden. Ratios are read from the JSONs as written:
 every numeric field whose name says ratio / speedup / scaling / efficiency (the scripts' own definitions, quoted).
 """
@@ -41,6 +42,13 @@ BENCHES = [
      ["--rounds", "3", "--steps", "10", "--methods", "seq_lora,sae_fd", "--out", "bench/results/overhead_wide.json",
       *WIDE_MODEL], "the same on a 4x wider, 2x deeper tiny model (where arithmetic, not per-op overhead, dominates)",
      "how the SAE-FD ratio moves with model size"),
+    ("overhead_smollm2", "bench/overhead.py", "overhead_smollm2.json",
+     ["--rounds", "3", "--steps", "5", "--config", "configs/bench/overhead_smollm2.yaml",
+      "--sae", "runs/sae_smollm2_c2/checkpoints/tok_000000823296/layer_12", "--out",
+      "bench/results/overhead_smollm2.json", "--methods",
+      "seq_lora,sae_fd_anchor1=sae_fd:method.anchor_batch=1,sae_fd,sae_fd_anchor4=sae_fd:method.anchor_batch=4"],
+     "the same on SmolLM2-135M-Instruct with its trained SAE (layer 12 of 30), anchor batch 1 / 2 / 4",
+     "issue 15.3: SAE-FD <= 1.15x SeqLoRA on the real model"),
 ]
 KEYWORDS = ("ratio", "speedup", "scaling", "efficiency")
 
