@@ -140,10 +140,11 @@ def test_off_a_terminal_progress_is_a_plain_line_at_most_once_a_heartbeat():
     assert bar.heartbeat(start + 600) is None  # nothing reported yet
     bar.apply([{"kind": "score", "what": "test", "done": 1, "total": 4}])
     assert bar.heartbeat(start + 30) is None  # within the first heartbeat
-    assert bar.heartbeat(start + 61) == "task 2/4 amazon [61 s] scoring (test) 1/4 tasks"
+    assert bar.heartbeat(start + 61) == "progress: task 2/4 amazon [61 s] scoring test: 1/4 tasks"
     assert bar.heartbeat(start + 200) is None  # unchanged: no repeated line
     bar.apply([{"kind": "train", "step": 40, "total": 100, "loss": 0.51234, "lambda": 1.5, "share": 0.2, "rho": 0.15}])
-    assert bar.heartbeat(start + 230) == "task 2/4 amazon [230 s] 40/100 steps  loss 0.512  λ 1.50  share 0.20/ρ 0.15"
+    assert bar.heartbeat(start + 230) == \
+        "progress: task 2/4 amazon [230 s] 40/100 steps  loss 0.512  λ 1.50  share 0.20/ρ 0.15"
     bar.apply([{"kind": "train", "step": 41, "total": 100}])
     assert bar.heartbeat(start + 250) is None  # changed, but only 20 s after the last line
-    assert bar.heartbeat(start + 290) == "task 2/4 amazon [290 s] 41/100 steps"
+    assert bar.heartbeat(start + 290) == "progress: task 2/4 amazon [290 s] 41/100 steps"

@@ -63,7 +63,8 @@ def test_demo_cli_prints_stage_lines_bars_and_the_table_only(ray_cluster, cache_
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    lines = out.splitlines()
+    # off a terminal a long stage also prints `progress: ...` lines once a minute (a loaded box): not counted here
+    lines = [line for line in out.splitlines() if not line.startswith("progress: ")]
     assert "Traceback" not in out and "WARNING" not in out and "Warning" not in out, out
     assert len(lines) < 40, out
     bars = [line for line in lines if line.startswith("task ")]

@@ -154,16 +154,16 @@ class StageProgress:
                     self.score_rows[what] = self.progress.add_task(f"  scoring ({what})", total=record["total"],
                                                                    unit="tasks", stats="")
                 self.progress.update(self.score_rows[what], completed=record["done"], total=record["total"])
-                self._status = f"scoring ({what}) {record['done']}/{record['total']} tasks"
+                self._status = f"scoring {what}: {record['done']}/{record['total']} tasks"
 
     def heartbeat(self, now: float) -> str | None:
-        """The status as one plain line `<label> [<elapsed> s] <status>`, when HEARTBEAT_S seconds have passed since
-        the last line and the status changed; else None. `now`: time.monotonic()."""
+        """The status as one plain line `progress: <label> [<elapsed> s] <status>`, when HEARTBEAT_S seconds have
+        passed since the last line and the status changed; else None. `now`: time.monotonic()."""
         last_at, last = self._printed
         if not self._status or self._status == last or now - last_at < self.HEARTBEAT_S:
             return None
         self._printed = (now, self._status)
-        return f"{self.label} [{now - self._began:.0f} s] {self._status}"
+        return f"progress: {self.label} [{now - self._began:.0f} s] {self._status}"
 
     def __exit__(self, *exc) -> None:
         if not self.enabled:
