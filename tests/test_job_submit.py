@@ -37,7 +37,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def job_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # RAY_API_SERVER_ADDRESS: the session's pin (sequence.pin_state_api) would override `ray job submit --address`
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the entrypoint's `python`
     # a throwaway cluster on 127.0.0.1: no token auth, so the test does not depend on a token file on the machine
     env.update(RAY_TRAIN_V2_ENABLED="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")

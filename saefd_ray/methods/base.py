@@ -144,6 +144,26 @@ def peft_key(name: str) -> str:
     return name.replace(".default.weight", ".weight").replace(".default.bias", ".bias")
 
 
+@contextmanager
+def gathered(params, zero_stage: int):
+    """Full values of ZeRO-3 partitioned parameters inside the block (a no-op for ZeRO-2)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def trainable_state(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Copies of the trainable (LoRA) parameters by name, gathered under ZeRO-3 (a collective there: every rank
+    calls it). The worker saves these as the task's adapter; o_lora keeps each task's."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in named], zero_stage):
+        return {n: p.detach().clone().cpu() for n, p in named}
+
+
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The trainable (LoRA) parameters by name, in a stable order.
 

@@ -19,7 +19,7 @@ import shutil
 import torch
 from torch import Tensor, nn
 
-from saefd_ray.methods.base import Method, TaskContext, peft_key, trainable_params
+from saefd_ray.methods.base import Method, TaskContext, peft_key, trainable_params, trainable_state
 
 ADAPTERS = "o_lora/adapters"
 
@@ -80,8 +80,6 @@ class OLora(Method):
 
     def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         from safetensors.torch import save_file
-
-        from saefd_ray.train.deepspeed_setup import trainable_state
 
         state = trainable_state(model, self.config.distributed.zero_stage)  # collective under ZeRO-3
         if ctx.rank != 0:

@@ -7,7 +7,6 @@ CUDA, and for a few MB of adapter weights the difference is nil.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -66,21 +65,4 @@ def create_engine(model, config, optimizer_steps: int):
     return engine
 
 
-@contextlib.contextmanager
-def gathered(params, zero_stage: int):
-    """Full values of ZeRO-3 partitioned parameters inside the block (a no-op for ZeRO-2)."""
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def trainable_state(model, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Copies of the trainable (LoRA) parameters by name, gathered under ZeRO-3."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with gathered([p for _, p in named], zero_stage):
-        return {n: p.detach().clone().cpu() for n, p in named}
 

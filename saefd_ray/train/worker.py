@@ -24,9 +24,9 @@ import torch
 from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode, shard_batches
 from saefd_ray.data.tasks import Task
-from saefd_ray.methods.base import ADAPTER, TaskContext
+from saefd_ray.methods.base import ADAPTER, TaskContext, trainable_state
 from saefd_ray.observe.monitor import TaskMonitor
-from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator, trainable_state
+from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator
 
 ROW_FILE = "row.json"
 NONFINITE_FILE = "NONFINITE.txt"  # a marker checkpoint: the driver raises its message and publishes nothing
