@@ -181,8 +181,10 @@ def ensure_ray(budget: dict) -> None:
         from saefd_ray.observe.console import ray_init_options
         from saefd_ray.train.sequence import pin_state_api
 
-        pin_state_api()  # a second Ray on the machine must not make Ray Train remove our placement group
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=max(os.cpu_count() or 1, workers),
+        address = os.environ.get("RAY_ADDRESS")
+        if address in (None, "local"):  # as sequence.init_ray: only a Ray we start is pinned
+            pin_state_api()  # a second Ray on the machine must not make Ray Train remove our placement group
+        ray.init(address=address, num_cpus=max(os.cpu_count() or 1, workers),
                  include_dashboard=False, **ray_init_options())  # quiet: stage progress comes as heartbeat lines
 
 
@@ -445,7 +447,9 @@ def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task
 def write_suite(suite: dict, bench: str, title: str, notes: list[str], base_s: float, began: float,
                 per_task: bool = False, stem: str | None = None, sections: list[str] = ()) -> list[Path]:
     """The JSON / markdown / heatmaps of the suite so far (called after every run, so a cut-short suite keeps them)."""
-    runs_s = sum(r.get("wall_s") or 0 for r in suite["runs"].values())
+    # once per run folder: the chosen lr probe is also its method's row (one run under two keys)
+    walls = {r.get("run_dir", key): r.get("wall_s") or 0 for key, r in suite["runs"].items()}
+    runs_s = sum(walls.values())
     suite["wall_s"] = {"base_and_sae": round(base_s, 1), "this_call": round(time.time() - began - base_s, 1),
                        "runs": round(runs_s, 1)}
     notes = notes + [f"Wall time: the runs {runs_s:.0f}s in all (each as its training call measured it; runs an "

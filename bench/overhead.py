@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import exit_2_on_error  # noqa: E402
 from saefd_ray.config import SaeSource, load_config  # noqa: E402
+from saefd_ray.errors import exit_on_user_error  # noqa: E402
 from saefd_ray.data.render import collate, encode  # noqa: E402
 from saefd_ray.data.tasks import load_tasks  # noqa: E402
 from saefd_ray.methods import build_method  # noqa: E402
@@ -119,6 +121,8 @@ def step(model, method, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+@exit_2_on_error
+@exit_on_user_error
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="run config (default configs/demo.yaml)")
@@ -145,6 +149,8 @@ def main(argv=None) -> dict:
     tasks = load_tasks(base_cfg)[:2]
     model_path = resolve_model_path(base_cfg.model, tokenizer_corpus(load_tasks(base_cfg)))
     tokenizer = load_tokenizer(model_path)
+    if args.sae and not (Path(args.sae) / "cfg.json").is_file():  # before the model loads
+        raise SystemExit(f"error: --sae {args.sae}: expected an SAE folder (SAELens layout: cfg.json)")
     model_config = load_model(model_path).config
     hidden = model_config.hidden_size
     layer = model_config.num_hidden_layers // 2 - 1  # mid-depth: the anchor pass runs half the layers

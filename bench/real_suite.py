@@ -66,17 +66,29 @@ def ensure_sae(sae_run: Path | None, data_root: Path, log=print) -> dict:
                 raise SystemExit(f"error: {SAE_CONFIG}: jobs/train_sae.py failed (see above); no SAE for sae_fd, sae_reg")
     report = read_json_file(run_dir / "sae_report.json", "a finished jobs/train_sae.py run's sae_report.json")
     trained_on = read_json_file(run_dir / "sae_config.json", "the SAE run's sae_config.json")
-    model = (trained_on.get("config") or {}).get("model", {}).get("name_or_path")
+    config = trained_on.get("config")
+    model_cfg = config.get("model") if isinstance(config, dict) else None
+    model = model_cfg.get("name_or_path") if isinstance(model_cfg, dict) else None
+    if model is None:
+        raise SystemExit(f"error: {run_dir / 'sae_config.json'}: expected config.model.name_or_path (the SAE's model)")
     if model != MODEL:
         raise SystemExit(f"error: {run_dir}: an SAE of {model!r}; this suite's model is {MODEL!r}")
-    if str(layer) not in report.get("eval", {}).get("layers", {}):
+    evaluation = report.get("eval")
+    layers = evaluation.get("layers") if isinstance(evaluation, dict) else None
+    if not isinstance(layers, dict) or str(layer) not in layers:
         raise SystemExit(f"error: {run_dir}: its sae_report.json has no layer {layer} (configs/sae_smollm2.yaml's)")
     folder = Path(report.get("checkpoint", "")) / f"layer_{layer}"
     if not (folder / "cfg.json").is_file():
         raise SystemExit(f"error: {folder}: no SAE folder (cfg.json) in {run_dir}")
     return {"model": MODEL, "sae": str(folder), "layer": layer, "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize(),
-            "sae_run": str(run_dir), "sae_eval": report.get("eval", {}).get("layers", {})}
+            "sae_run": _repo_relative(run_dir), "sae_eval": layers}
+
+
+def _repo_relative(path: Path) -> str:
+    """A path as the report records it: relative to the repository when inside it (the same on every clone)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def recorded_sae_run(stem: str) -> Path | None:
@@ -86,7 +98,7 @@ def recorded_sae_run(stem: str) -> Path | None:
     if not path.is_file():
         return None
     recorded = read_json_file(path, "a suite report").get("base", {}).get("sae_run")
-    return Path(recorded) if recorded else None
+    return resolve_repo_path(recorded) if recorded else None
 
 
 def val_aa(run: dict | None) -> float | None:

@@ -91,13 +91,18 @@ def main(argv=None) -> dict:
         if key in ("output.root", "output.run_name"):
             output[key.split(".")[1]] = value
     root, name = output.get("root", "runs"), output.get("run_name", "sae")
+    # output.root from --set is a command-line path (the working directory's); from the config, the repository's
+    root_dir = cli_path(root) if any(o.startswith("output.root=") for o in args.overrides) else resolve_repo_path(root)
+    run_dirs = [root_dir / f"{name}_c{coefficient:g}" for coefficient in args.coefficients]
+    if args.report_only:  # every run checked before anything is written: a refused report leaves the old one
+        for run_dir in run_dirs:
+            if not (run_dir / "sae_report.json").is_file():
+                raise SystemExit(f"error: {run_dir}: no sae_report.json (--report-only trains nothing)")
     rows = []
     out = cli_path(args.out) if args.out else REPO / "bench" / "results" / f"{name}_sweep"
-    for coefficient in args.coefficients:
-        run_dir = resolve_repo_path(root) / f"{name}_c{coefficient:g}"
+    out_json, out_md = Path(f"{out}.json"), Path(f"{out}.md")  # not with_suffix: a dotted stem stays whole
+    for coefficient, run_dir in zip(args.coefficients, run_dirs):
         report = run_dir / "sae_report.json"
-        if not report.is_file() and args.report_only:
-            raise SystemExit(f"error: {run_dir}: no sae_report.json (--report-only trains nothing)")
         if not report.is_file():
             command = [sys.executable, str(REPO / "jobs" / "train_sae.py"), "--config", str(config_path),
                        *[x for o in args.overrides for x in ("--set", o)],  # the sweep's own settings come last
@@ -111,8 +116,8 @@ def main(argv=None) -> dict:
         chosen = pick(rows)
         result = {"config": _shown(config_path), "rule": f"largest coefficient with ce_loss_recovered >= {CE_FLOOR}, "
                   "else the smallest", "rows": rows, "chosen": chosen}
-        atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
-        atomic_write_text(out.with_suffix(".md"), markdown(_shown(config_path), rows, chosen))
+        atomic_write_text(out_json, json.dumps(result, indent=1))
+        atomic_write_text(out_md, markdown(_shown(config_path), rows, chosen))
     print(f"wrote {_shown(out)}.{{json,md}}; chosen: {pick(rows)}")
     return {"rows": rows, "chosen": pick(rows)}
 

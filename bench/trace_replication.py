@@ -53,7 +53,12 @@ def main(argv=None) -> dict:
     if args.budget not in bench_cfg["budgets"]:
         raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
     budget = bench_cfg["budgets"][args.budget]
+    unknown = [m for m in (args.methods.split(",") if args.methods else []) if m not in bench_cfg["methods"]]
+    if unknown:  # before the base model is built (minutes)
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; one of {', '.join(bench_cfg['methods'])}")
     data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
+    if not data_root.is_dir():
+        raise SystemExit(f"error: --data-root {data_root}: not a folder (expected TRACE's task folders)")
     began = time.time()
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began

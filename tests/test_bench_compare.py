@@ -165,6 +165,10 @@ def test_an_sae_run_of_another_model_or_a_broken_report_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*sae_report.json: expected a finished .* \(unreadable: "):
         ensure_sae(run, tmp_path)
     (run / "sae_report.json").write_text(json.dumps({"checkpoint": str(run), "eval": {"layers": {"12": {}}}}))
+    for broken in ({"config": {"model": "smollm2-135m-instruct"}}, {"config": [1]}, {}):
+        (run / "sae_config.json").write_text(json.dumps(broken))
+        with pytest.raises(SystemExit, match=r"^error: .*sae_config.json: expected config.model.name_or_path"):
+            ensure_sae(run, tmp_path)
     (run / "sae_config.json").write_text(json.dumps({"config": {"model": {"name_or_path": "tiny"}}}))
     with pytest.raises(SystemExit, match=r"^error: .*sae_tiny: an SAE of 'tiny'; this suite's model is "
                                          r"'smollm2-135m-instruct'$"):
@@ -195,3 +199,24 @@ def test_sae_sweep_finds_its_runs_under_set_output(tmp_path):
     assert [row["l0"] for row in result["rows"]] == [50.0, 20.0]
     assert result["chosen"]["coefficient"] == 5.0  # the largest with CE-loss recovered >= 0.9
     assert "| 5 **(chosen)** | 20.0 |" in (tmp_path / "sweep.md").read_text()
+    # a dotted stem stays whole; a run missing among several writes nothing at all
+    done = _bench_cli("sae_sweep.py", "--set", f"output.root={tmp_path / 'elsewhere'}", "--set",
+                      "output.run_name=mine", "--out", "sweep.v1.2", "--report-only", "--coefficients", "2", "7",
+                      cwd=tmp_path)
+    assert done.returncode == 2 and "mine_c7: no sae_report.json" in done.stderr
+    assert not list(tmp_path.glob("sweep.v1*"))
+    done = _bench_cli("sae_sweep.py", "--set", f"output.root={tmp_path / 'elsewhere'}", "--set",
+                      "output.run_name=mine", "--out", "sweep.v1.2", "--report-only", cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "sweep.v1.2.json").is_file() and (tmp_path / "sweep.v1.2.md").is_file()
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("overhead.py", ["--config", "missing.yaml"], "error: missing.yaml"),
+    ("overhead.py", ["--sae", "nowhere"], "error: --sae nowhere: expected an SAE folder"),
+    ("trace_replication.py", ["--methods", "seq_lora,bogus"], "error: --methods: unknown bogus"),
+])
+def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, expected):
+    done = _bench_cli(script, *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(expected), line

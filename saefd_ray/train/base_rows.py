@@ -33,7 +33,9 @@ from saefd_ray.io import atomic_write_text, sha256_file
 FOLDER = "base_rows"
 SPLITS = ("validation", "test")
 PACKAGE = Path(__file__).resolve().parent.parent
-SCORING_CODE = ("eval/scoring.py", "eval/metrics.py", "data/render.py")  # how a score is computed
+# how a score is computed: the scoring itself, the prompts, how the model is loaded and LoRA-wrapped, the worker's call
+SCORING_CODE = ("eval/scoring.py", "eval/metrics.py", "data/render.py", "models/loading.py", "methods/base.py",
+                "train/worker.py")
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed")
 
 
@@ -56,6 +58,7 @@ def scoring_inputs(config: RunConfig, model_digest: str | None) -> dict | None:
         "threads_per_worker": config.distributed.threads_per_worker,
         "use_gpu": config.distributed.use_gpu,
         "zero_stage": config.distributed.zero_stage,
+        "zero3_persistence_threshold": config.distributed.zero3_persistence_threshold,
         **environment(),
         "code": {name: sha256_file(PACKAGE / name) for name in SCORING_CODE},
     }
@@ -96,7 +99,9 @@ def entries(config: RunConfig, tasks: list[Task], model_digest: str | None) -> l
 def _read(path: Path) -> dict | None:
     try:
         saved = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable or broken: scored again, and rewritten
+        return None
+    if not isinstance(saved, dict):
         return None
     scores = {split: saved.get(split) for split in SPLITS}
     return scores if all(isinstance(value, (int, float)) for value in scores.values()) else None
@@ -113,7 +118,7 @@ def store(config: RunConfig, cache: list[dict] | None, metrics: dict) -> None:
         if scored is None or scored["cached"] or scored["digest"] != entry["digest"]:
             continue
         path = cache_folder(config) / f"{entry['digest']}.json"
-        if not path.exists():
+        if _read(path) is None:  # absent or broken
             atomic_write_text(path, json.dumps({
                 "task": entry["task"], "test": metrics["base_row"][index],
                 "validation": metrics["base_row_validation"][index], "inputs": entry["inputs"]}, indent=1))
