@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    config = load_config(args.config, args.overrides)  # first: a bad config is one line at once, before the libraries load
     configure_console(args.verbose)
-    config = load_config(args.config, args.overrides)
     from saefd_ray.train.sequence import run_sequence
 
     return run_sequence(config)

@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    config = load_sae_config(args.config, args.overrides)  # first: a bad config is one line at once, before the libraries load
     configure_console(args.verbose)
-    config = load_sae_config(args.config, args.overrides)
     from saefd_ray.stream.run import train_sae
 
     return train_sae(config)
