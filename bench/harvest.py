@@ -37,11 +37,11 @@ def _ray_init(cpus: int) -> None:
     """Start a local Ray; on a loaded box the raylet can miss its start-up deadline, so try a few times."""
     import ray
 
+    from saefd_ray.train.sequence import pin_state_api
+
+    pin_state_api()  # once, before the first attempt: it only sets an environment variable
     for attempt in range(3):
         try:
-            from saefd_ray.train.sequence import pin_state_api
-
-            pin_state_api()
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:  # noqa: BLE001 - "node timed out during startup"

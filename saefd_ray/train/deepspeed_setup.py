@@ -63,6 +63,3 @@ def create_engine(model, config, optimizer_steps: int):
         config=deepspeed_config(config, optimizer_steps),
     )
     return engine
-
-
-
