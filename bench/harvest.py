@@ -42,7 +42,7 @@ def _ray_init(cpus: int) -> None:
     pin_state_api()  # once, before the first attempt: it only sets an environment variable
     for attempt in range(3):
         try:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:  # noqa: BLE001 - "node timed out during startup"
             ray.shutdown()

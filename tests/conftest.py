@@ -14,6 +14,10 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Every Ray a test starts is its own: with no address, ray.init() joins the last `ray start` cluster of the machine
+# (/tmp/ray/ray_current_cluster), and a live one made every Ray test of a CI run fail. Tests that need another
+# cluster pass its address explicitly.
+os.environ["RAY_ADDRESS"] = "local"
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -62,7 +66,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         pin_state_api()  # as the jobs do: Ray Train never asks another Ray on the machine about our controller
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

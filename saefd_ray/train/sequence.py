@@ -137,7 +137,9 @@ def pin_state_api() -> None:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address, else start a local Ray.
+    """Join the cluster of `ray job submit` / RAY_ADDRESS / distributed.ray_address; with none of them, Ray's own
+    rule: the last `ray start` cluster of this machine if it lives, else a new local Ray (RAY_ADDRESS=local: always
+    a new one).
 
     Uploads (working_dir and its excludes) are the submitter's business: see runtime_env.yaml. Quiet unless
     --verbose (saefd_ray.observe.console).
