@@ -190,10 +190,14 @@ def ensure_ray(budget: dict) -> None:
 
 def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: dict, data_root: Path, order: str,
             name: str, seed: int = 0, lr: float | None = None, key: str | None = None, log=print,
-            report_only: bool = False) -> dict | None:
+            report_only: bool = False, recorded: dict | None = None) -> dict | None:
     """One method × order × seed as an ordinary run (resumed if its run dir exists); a failure is recorded
     (error + traceback tail), never raised, so one broken method does not sink the suite. `report_only`: read a
-    finished run's results.json (None if it has none); nothing trains and Ray is not started."""
+    finished run's results.json (None if it has none); nothing trains and Ray is not started.
+
+    `recorded`: this run as the committed report (bench/results/<stem>.json) holds it. Run dirs are caches that a
+    fresh checkout lacks; a finished run recorded under the same run name (the hash of its settings) is kept as
+    recorded and never trained again."""
     from saefd_ray.config import load_config
     from saefd_ray.train.sequence import run_sequence
 
@@ -203,6 +207,9 @@ def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: d
     configs_dir = CACHE / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
     path = configs_dir / f"{raw['output']['run_name']}.yaml"
+    if recorded and "summary" in recorded and Path(recorded.get("run_dir", "")).name == raw["output"]["run_name"]:
+        log(f"=== {bench} {budget_name}: {key}: kept as the committed report records it ({recorded['run_dir']})")
+        return recorded
     if report_only:
         done = CACHE / "runs" / raw["output"]["run_name"] / "results.json"
         if not done.is_file():

@@ -7,7 +7,8 @@
   independent AAs has √2 times that. "Larger than the noise" means |mean difference| > 2 standard errors, the
   standard error being the larger of the paired spread's (sd/√cells) and the binomial one (/√cells).
 * λ traces: SAE-FD's adaptive λ and realized share λ·L_FD / (L_task + λ·L_FD) read back from each run's
-  TensorBoard events (`runs/<name>/tb/`, rank 0), summarised per task and drawn in one figure.
+  TensorBoard events (`runs/<name>/tb/`, rank 0), summarised per task and drawn in one figure; the suite keeps a
+  compact copy in the report (`lambda_trace`), which outlives the run dir.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def lambda_trace(run: dict) -> dict | None:
 
 def lambda_section(suite: dict, stem: str, rho: float | None) -> tuple[list[str], Path | None]:
     traces = {key: t for key, run in suite["runs"].items()
-              if run.get("method") == "sae_fd" and "summary" in run and (t := lambda_trace(run))}
+              if run.get("method") == "sae_fd" and "summary" in run
+              and (t := run.get("lambda_trace") or lambda_trace(run))}
     if not traces:
         return [], None
     lines = ["## SAE-FD's adaptive λ and realized share", "",

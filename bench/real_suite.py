@@ -26,7 +26,7 @@ from statistics import fmean
 
 from bench.common import (CACHE, REPO, _f, cli_path, read_json_file, read_yaml_file, resolve_repo_path, run_key,
                           run_one, suite_dict, write_suite)
-from bench.compare import lambda_section, paired_section, seeds_section
+from bench.compare import lambda_section, lambda_trace, paired_section, seeds_section
 
 MODEL = "smollm2-135m-instruct"
 SAE_CONFIG = REPO / "configs" / "sae_smollm2.yaml"
@@ -91,14 +91,37 @@ def _repo_relative(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def recorded_sae_run(stem: str) -> Path | None:
+def recorded_report(stem: str) -> dict:
+    """The committed report of this budget (bench/results/<stem>.json), {} if there is none. Its finished runs are
+    kept, never trained again (run_one's `recorded`): run dirs are caches, the report is what a checkout keeps."""
+    path = REPO / "bench" / "results" / f"{stem}.json"
+    return read_json_file(path, "a suite report") if path.is_file() else {}
+
+
+def recorded_sae_run(report: dict) -> Path | None:
     """The SAE run the last report of this budget used (its `base.sae_run`): --report-only's default, so that the
     sae_fd / sae_reg runs are found under the same keys without retyping --sae-run."""
-    path = REPO / "bench" / "results" / f"{stem}.json"
-    if not path.is_file():
-        return None
-    recorded = read_json_file(path, "a suite report").get("base", {}).get("sae_run")
+    recorded = report.get("base", {}).get("sae_run")
     return resolve_repo_path(recorded) if recorded else None
+
+
+def kept_run(report: dict, key: str, base: dict) -> dict | None:
+    """The report's record of run `key` if it may stand for the run this suite would make now: finished, and for
+    the SAE methods made with the same SAE (the same held-out evaluation; a retrained SAE that differs is new)."""
+    run = report.get("runs", {}).get(key)
+    if not run or "summary" not in run:
+        return None
+    if run.get("method") in ("sae_fd", "sae_reg") and report.get("base", {}).get("sae_eval") != base.get("sae_eval"):
+        return None
+    return run
+
+
+def compact_trace(trace: dict | None, points: int = 400) -> dict | None:
+    """A λ / share trace small enough to keep in the report (every k-th step), its per-task medians exact."""
+    if not trace:
+        return None
+    k = max(1, len(trace["steps"]) // points)
+    return {**trace, "steps": trace["steps"][::k], "share": trace["share"][::k], "lambda": trace["lambda"][::k]}
 
 
 def val_aa(run: dict | None) -> float | None:
@@ -153,7 +176,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     orders = orders or [str(o) for o in budget["orders"]]
     extra = [m for m in budget.get("order1_methods", []) if m not in methods]
     stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
-    sae_run = cli_path(sae_run) if sae_run else (recorded_sae_run(stem) if report_only else None)
+    recorded = recorded_report(stem)
+    sae_run = cli_path(sae_run) if sae_run else (recorded_sae_run(recorded) if report_only else None)
     if not report_only:
         lock_suite()
     began = time.time()
@@ -162,7 +186,9 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     base = {"model": MODEL, "layer": cfg["layers"][0], "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize()}
     base_s = 0.0
-    if sae_run:  # a finished run: checked and read before hours of probes, so the report names it from the start
+    if report_only and sae_run and sae_run == recorded_sae_run(recorded) and not sae_run.exists():
+        base.update(recorded["base"])  # a fresh checkout: the report's own record of its SAE, for its kept runs
+    elif sae_run:  # a finished run: checked and read before hours of probes, so the report names it from the start
         base.update(ensure_sae(sae_run, data_root, log))
     if not report_only:
         ensure_ray(budget)
@@ -178,8 +204,11 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
             base.update(ensure_sae(sae_run, data_root, log))
             base_s = time.time() - t0
         key = key or run_key(order, name, seed)
+        kept = kept_run(recorded, key, base)
         run = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, key=key,
-                      log=log, report_only=report_only)
+                      log=log, report_only=report_only, recorded=kept)
+        if run is not None and run is not kept and name == "sae_fd" and "summary" in run:
+            run["lambda_trace"] = compact_trace(lambda_trace(run))  # the run dir is a cache: keep it in the report
         if run is not None:
             runs[key] = run
             report()

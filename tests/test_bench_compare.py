@@ -220,3 +220,43 @@ def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, ar
     assert done.returncode == 2, done.stderr[-2000:]
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(expected), line
+
+
+def test_a_run_the_committed_report_records_is_kept_without_its_run_dir(tmp_path, monkeypatch):
+    """A fresh checkout has no bench/cache: the report's finished runs stand for themselves and never train again;
+    a record under another run name (other settings) is not the run asked for."""
+    import bench.common as common
+    from bench.common import run_one
+
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    preset = {"model": {"name_or_path": "x"}, "tasks": {"sequence": [{"name": "a"}], "orders": {"1": ["a"]}}}
+    bench_cfg = {"budgets": {"b": {"max_train": 8, "max_test": 4}}, "methods": {"l2": {"name": "l2"}}}
+    base = {"model": "m"}
+    name = run_yaml(preset, bench_cfg["budgets"]["b"], {"name": "l2"}, "1", base, "cl4", "b", tmp_path)
+    record = {**run("l2", "1", 60.0, 55.0), "run_dir": f"bench/cache/runs/{name['output']['run_name']}"}
+    args = ("cl4", preset, bench_cfg, "b", base, tmp_path, "1", "l2")
+    assert run_one(*args, log=lambda _: None, recorded=record) is record
+    other = {**record, "run_dir": "bench/cache/runs/cl4-b-o1-l2-00000000"}
+    assert run_one(*args, log=lambda _: None, recorded=other, report_only=True) is None  # no results.json: not done
+
+
+def test_a_recorded_sae_run_is_kept_only_with_the_same_sae():
+    from bench.real_suite import compact_trace, kept_run
+
+    evaluation = {"12": {"fvu": 0.178, "l0": 190.6}}
+    report = {"base": {"sae_eval": evaluation},
+              "runs": {"o1/sae_fd": {**run("sae_fd", "1", 54.3, 55.5)}, "o1/l2": {**run("l2", "1", 50.0, 50.0)},
+                       "o1/lwf": {"method": "lwf", "error": "RuntimeError: boom"}}}
+    assert kept_run(report, "o1/sae_fd", {"sae_eval": evaluation}) is report["runs"]["o1/sae_fd"]
+    retrained = {"12": {"fvu": 0.181, "l0": 190.6}}
+    assert kept_run(report, "o1/sae_fd", {"sae_eval": retrained}) is None  # another SAE: a new run
+    assert kept_run(report, "o1/l2", {"sae_eval": retrained}) is report["runs"]["o1/l2"]  # l2 uses no SAE
+    assert kept_run(report, "o1/lwf", {}) is None  # a failed run is tried again
+    assert kept_run(report, "o2/l2", {}) is None
+
+    steps = list(range(1000))
+    trace = {"steps": steps, "share": [0.1] * 1000, "lambda": [2.0] * 1000,
+             "per_task": [{"task": "b", "median_share": 0.1, "median_lambda": 2.0, "steps": 1000}]}
+    small = compact_trace(trace, points=100)
+    assert len(small["steps"]) == 100 and small["steps"][:2] == [0, 10] and small["per_task"] == trace["per_task"]
+    assert compact_trace(None) is None
