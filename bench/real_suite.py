@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from statistics import fmean
 
-from bench.common import (CACHE, REPO, _f, cli_path, read_json_file, read_yaml_file, resolve_repo_path, run_key,
-                          run_one, suite_dict, write_suite)
+from bench.common import (CACHE, REPO, RESULTS, _f, cli_path, read_json_file, read_yaml_file, resolve_repo_path,
+                          run_key, run_one, suite_dict, write_suite)
 from bench.compare import lambda_section, lambda_trace, paired_section, seeds_section
 
 MODEL = "smollm2-135m-instruct"
 SAE_CONFIG = REPO / "configs" / "sae_smollm2.yaml"
 REGULARIZERS = ("ewc", "l2", "lwf", "sae_reg")
+SAE_METHODS = ("sae_fd", "sae_reg")
 TITLE = "CL benchmark (O-LoRA, 4 tasks) on SmolLM2-135M-Instruct"
 NOTES = [
     "O-LoRA's standard CL benchmark (yelp in yahoo's place) on SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to "
@@ -94,7 +95,7 @@ def _repo_relative(path: Path) -> str:
 def recorded_report(stem: str) -> dict:
     """The committed report of this budget (bench/results/<stem>.json), {} if there is none. Its finished runs are
     kept, never trained again (run_one's `recorded`): run dirs are caches, the report is what a checkout keeps."""
-    path = REPO / "bench" / "results" / f"{stem}.json"
+    path = RESULTS / f"{stem}.json"
     return read_json_file(path, "a suite report") if path.is_file() else {}
 
 
@@ -111,7 +112,7 @@ def kept_run(report: dict, key: str, base: dict) -> dict | None:
     run = report.get("runs", {}).get(key)
     if not run or "summary" not in run:
         return None
-    if run.get("method") in ("sae_fd", "sae_reg") and report.get("base", {}).get("sae_eval") != base.get("sae_eval"):
+    if run.get("method") in SAE_METHODS and report.get("base", {}).get("sae_eval") != base.get("sae_eval"):
         return None
     return run
 
@@ -172,39 +173,45 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
 
     budget = bench_cfg["budgets"][budget_name]
     preset = read_yaml_file(resolve_repo_path(bench_cfg["preset"]))
-    methods = methods or budget["methods"]
-    orders = orders or [str(o) for o in budget["orders"]]
-    extra = [m for m in budget.get("order1_methods", []) if m not in methods]
+    # the report always covers the budget's whole plan; --methods / --orders only choose what this call runs
+    all_methods, all_orders = budget["methods"], [str(o) for o in budget["orders"]]
+    methods, orders = methods or all_methods, orders or all_orders
+    extra = [m for m in budget.get("order1_methods", []) if m not in all_methods]
     stem = "cl4_" + budget_name.replace("-", "_")  # bench/results/cl4_smollm2.{json,md}
     recorded = recorded_report(stem)
-    sae_run = cli_path(sae_run) if sae_run else (recorded_sae_run(recorded) if report_only else None)
+    recorded_sae = recorded_sae_run(recorded)
+    sae_run = cli_path(sae_run) if sae_run else recorded_sae  # default: the SAE the report's runs used
     if not report_only:
         lock_suite()
     began = time.time()
-    # the SAE is resolved (trained, if need be) when the first method that uses it runs: the lr probe does not wait
     cfg = read_yaml_file(SAE_CONFIG)
     base = {"model": MODEL, "layer": cfg["layers"][0], "parameters": 134.5e6,
             "about": ", Q4_1 GGUF de-quantized to fp32", "architecture": cfg["sae"]["architecture"].capitalize()}
     base_s = 0.0
-    if report_only and sae_run and sae_run == recorded_sae_run(recorded) and not sae_run.exists():
-        base.update(recorded["base"])  # a fresh checkout: the report's own record of its SAE, for its kept runs
+    sae_missing = bool(sae_run) and sae_run == recorded_sae and not (sae_run / "sae_report.json").is_file()
+    if sae_missing:  # a fresh checkout: the report's record of its SAE stands for the runs it kept
+        base.update(recorded["base"])
     elif sae_run:  # a finished run: checked and read before hours of probes, so the report names it from the start
         base.update(ensure_sae(sae_run, data_root, log))
+    # else the SAE is trained when the first method that uses it runs: the lr probe does not wait
     if not report_only:
         ensure_ray(budget)
-    runs: dict[str, dict] = {}
+    runs = {key: run for key in recorded.get("runs", {}) if (run := kept_run(recorded, key, base))}
     state = {"lr_choice": None, "strongest": None}
 
     def run(order: str, name: str, seed: int = 0, lr: float | None = None, key: str | None = None) -> None:
-        nonlocal base_s
-        if name in ("sae_fd", "sae_reg") and "sae" not in base:
-            if report_only:  # no SAE known (no --sae-run, none recorded): nothing to load, and never train one here
-                return
-            t0 = time.time()
-            base.update(ensure_sae(sae_run, data_root, log))
-            base_s = time.time() - t0
+        nonlocal base_s, sae_missing
         key = key or run_key(order, name, seed)
         kept = kept_run(recorded, key, base)
+        if name in SAE_METHODS and not kept and ("sae" not in base or sae_missing):
+            if report_only:  # no SAE to load, and never train one here
+                return
+            t0 = time.time()
+            base.update(ensure_sae(None, data_root, log))  # trained into bench/cache/ (once)
+            base_s, sae_missing = time.time() - t0, False
+            for other in [k for k, r in runs.items() if r.get("method") in SAE_METHODS and not kept_run(recorded, k, base)]:
+                log(f"[sae] {other}: made with the report's earlier SAE, not this one: dropped from the report")
+                del runs[other]
         run = run_one("cl4", preset, bench_cfg, budget_name, base, data_root, order, name, seed, lr, key=key,
                       log=log, report_only=report_only, recorded=kept)
         if run is not None and run is not kept and name == "sae_fd" and "summary" in run:
@@ -215,13 +222,13 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
 
     def planned() -> list[str]:
         keys = [run_key("1", "seq_lora", lr=lr) for lr in budget["lr_candidates"]]
-        keys += [run_key(o, m) for o in orders for m in methods] + [run_key("1", m) for m in extra]
+        keys += [run_key(o, m) for o in all_orders for m in all_methods] + [run_key("1", m) for m in extra]
         seed_methods = [state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])]
-        keys += [run_key(o, m, s) for s in budget.get("seeds", []) for o in orders for m in seed_methods if m]
+        keys += [run_key(o, m, s) for s in budget.get("seeds", []) for o in all_orders for m in seed_methods if m]
         return keys
 
     def report() -> list[Path]:
-        suite = suite_dict("cl4", budget_name, bench_cfg, methods + extra, orders, base, runs, planned())
+        suite = suite_dict("cl4", budget_name, bench_cfg, all_methods + extra, all_orders, base, runs, planned())
         suite.update(state, seeds=budget.get("seeds", []),
                      seed_methods=[state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])])
         rho = bench_cfg["methods"]["sae_fd"].get("rho")
@@ -244,10 +251,12 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
     log(f"[lr] chosen on validation: {lr:g} ({state['lr_choice']['validation_aa']})")
     for order in orders:
         for name in methods:
-            run(order, name, lr=lr)
+            if name in all_methods:
+                run(order, name, lr=lr)
     for name in extra:
-        run("1", name, lr=lr)
-    state["strongest"] = strongest(runs, orders, methods)
+        if methods is all_methods or name in methods:
+            run("1", name, lr=lr)
+    state["strongest"] = strongest(runs, all_orders, all_methods)
     for seed in budget.get("seeds", []):
         for order in orders:
             for name in budget.get("seed_methods", []):
@@ -259,4 +268,4 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
 
 def finish(paths: list[Path]) -> None:
     for path in paths:
-        print(f"wrote {path.relative_to(REPO)}")
+        print(f"wrote {_repo_relative(path)}")

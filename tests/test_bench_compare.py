@@ -260,3 +260,55 @@ def test_a_recorded_sae_run_is_kept_only_with_the_same_sae():
     small = compact_trace(trace, points=100)
     assert len(small["steps"]) == 100 and small["steps"][:2] == [0, 10] and small["per_task"] == trace["per_task"]
     assert compact_trace(None) is None
+
+
+def test_a_fresh_checkout_rewrites_the_whole_report_from_its_records(tmp_path, monkeypatch):
+    """No run dirs and no SAE on disk, and --methods naming one method: the rewritten report still holds every
+    finished run it recorded (the SAE runs with the recorded SAE and their λ medians), and nothing trains."""
+    import json
+
+    import bench.common as common
+    import bench.compare as compare
+    import bench.real_suite as real_suite
+    import yaml
+
+    for module in (common, compare, real_suite):
+        monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "CACHE", tmp_path / "cache")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"tasks": {"sequence": [{"name": "a"}, {"name": "b"}],
+                                                "orders": {"1": ["a", "b"]}}, "training": {"lr": 1.0}}))
+    budget = {"model": "smollm2", "orders": ["1"], "max_train": 8, "max_test": 4, "validation": 2,
+              "methods": ["seq_lora", "sae_fd"], "lr_candidates": [1e-3, 3e-4]}
+    bench_cfg = {"preset": str(preset), "budgets": {"b": budget},
+                 "methods": {"seq_lora": {"name": "seq_lora"}, "sae_fd": {"name": "sae_fd", "rho": 0.15}}}
+    sae = {"sae": str(tmp_path / "gone" / "layer_12"), "sae_run": str(tmp_path / "gone"), "layer": 12,
+           "sae_eval": {"12": {"fvu": 0.2, "l0": 190.0}}}
+    base = {"model": real_suite.MODEL, **sae}
+
+    def record(method, test_aa, val_aa, lr):
+        raw = run_yaml(yaml.safe_load(preset.read_text()), budget, bench_cfg["methods"][method], "1", base, "cl4",
+                       "b", tmp_path)
+        if lr is not None:  # as run_one builds it: the lr probe's own setting
+            raw = run_yaml(yaml.safe_load(preset.read_text()), budget, bench_cfg["methods"][method], "1", base,
+                           "cl4", "b", tmp_path, lr=lr)
+        return {**run(method, "1", test_aa, val_aa), "lr": lr, "wall_s": 100.0, "median_step_s": 1.0,
+                "run_dir": f"bench/cache/runs/{raw['output']['run_name']}"}
+
+    trace = {"steps": [], "share": [], "lambda": [],
+             "per_task": [{"task": "b", "median_share": 0.07, "median_lambda": 10.0, "steps": None}]}
+    runs = {"o1/seq_lora/lr0.001": record("seq_lora", 40.0, 41.0, 1e-3),
+            "o1/seq_lora/lr0.0003": record("seq_lora", 50.0, 52.0, 3e-4),
+            "o1/sae_fd": {**record("sae_fd", 55.0, 53.0, 3e-4), "lambda_trace": trace}}
+    runs["o1/seq_lora"] = runs["o1/seq_lora/lr0.0003"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cl4_b.json").write_text(json.dumps({"base": base, "runs": runs}))
+
+    real_suite.run_real_suite(bench_cfg, "b", tmp_path, None, methods=["seq_lora"], report_only=True,
+                              log=lambda _: None)
+    report = json.loads((tmp_path / "results" / "cl4_b.json").read_text())
+    assert set(report["runs"]) == set(runs) and report["runs"]["o1/sae_fd"]["summary"]["aa"] == 55.0
+    assert report["lr_choice"]["lr"] == 3e-4 and report["base"]["sae_eval"] == sae["sae_eval"]
+    md = (tmp_path / "results" / "cl4_b.md").read_text()
+    assert "| o1/sae_fd | b 0.07 (10.00) |" in md and "| sae_fd | 55.0 |" in md
+    assert not (tmp_path / "cache" / "runs").exists()  # nothing trained, no run dir made
