@@ -165,7 +165,11 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
     dist = config.distributed
     workers = dist.num_workers if isinstance(dist.num_workers, int) else tuple(dist.num_workers)
 
+    attempts = []  # fit_with_retries calls make_trainer once per attempt
+
     def make_trainer() -> TorchTrainer:
+        attempts.append(len(attempts))
+        kill_at = os.environ.get("SAEFD_KILL_WORKER_AT") if len(attempts) == 1 else None
         return TorchTrainer(
             train_task,
             train_loop_config={
@@ -179,9 +183,8 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
                 "base_cache": base_cache,
                 "observe": observe,  # TensorBoard folder, progress channel, step offset (saefd_ray.observe.monitor)
                 # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of
-                # the rank: the worker on that node): SIGKILL that worker once.
-                "kill_at": [int(x) if x.isdigit() else x for x in os.environ["SAEFD_KILL_WORKER_AT"].split(",")]
-                if os.environ.get("SAEFD_KILL_WORKER_AT") else None,
+                # the rank: the worker on that node): SIGKILL that worker, in the first attempt only.
+                "kill_at": [int(x) if x.isdigit() else x for x in kill_at.split(",")] if kill_at else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}

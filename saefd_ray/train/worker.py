@@ -31,6 +31,7 @@ from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator
 ROW_FILE = "row.json"
 NONFINITE_FILE = "NONFINITE.txt"  # a marker checkpoint: the driver raises its message and publishes nothing
 PROGRESS_FILE = "progress.pt"
+KILL_GRACE_S = 10  # fault injection: seconds between the last report and the kill (five of the controller's polls)
 SPLITS = ("validation", "test")  # every stage scores both: validation chooses, test reports
 
 
@@ -137,7 +138,10 @@ def train_task(loop: dict) -> None:
             every = config.training.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 _report_progress(engine, method, epoch, step + 1, rank, config, logs, losses)
-            if kill_at and kill_at[:3] == (task_index, epoch, step + 1) and kill_at[3] in who and not restored:
+            if kill_at and kill_at[:3] == (task_index, epoch, step + 1) and kill_at[3] in who:
+                # Ray Train's controller collects reports when it polls the workers (every 2 s): without this wait a
+                # kill right after a report can lose every checkpoint of the attempt, and the retry starts the task over
+                time.sleep(KILL_GRACE_S)
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill or a lost node would be
         if len(losses) > epoch_start:
             epoch_losses.append(float(np.mean(losses[epoch_start:])))
