@@ -109,6 +109,9 @@ def train_task(loop: dict) -> None:
     if base_rows["test"] is not None:
         monitor.scores(names, base_rows["test"], at_start=True)
     restored = (start_epoch, start_step) != (0, 0)
+    # the same random stream (LoRA dropout) for every method, whatever its setup drew (building an SAE draws its
+    # init): task 1, which no method regularizes, is then the same run for all of them
+    seed_everything(config.training.seed + 1000 * task_index)
     kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
     who = (rank, ray.get_runtime_context().get_node_id())  # a kill names a rank, or a node by its id
     step_time, losses, epoch_losses = [], [], []
