@@ -230,6 +230,8 @@ def run_one(bench: str, preset: dict, bench_cfg: dict, budget_name: str, base: d
            "summary_validation": results.get("summary_validation"), "timings": results["timings"],
            **run_cost(run_dir, results, None if report_only else round(time.time() - began, 1)),
            "run_dir": str(run_dir.relative_to(REPO))}
+    if (results.get("first_task") or {}).get("trained_by"):  # its task 1 adopted (saefd_ray/train/first_task.py)
+        run["task1_from"] = results["first_task"]["trained_by"]
     s = run["summary"]
     log(f"--- {key}: AA {_f(s['aa'])} BWT {_f(s['bwt'])} FWT {_f(s['fwt'])} ({run['wall_s']}s)")
     return run
@@ -361,6 +363,7 @@ def markdown(suite: dict, title: str, notes: list[str], per_task: bool = False, 
                 continue
             s = run["summary"]
             wall = _f(run.get("wall_s"), 0) + (" (resumed)" if run.get("resumed") else "")
+            wall += f" (task 1 of {run['task1_from']})" if run.get("task1_from") else ""
             cells = [name, _f(s["aa"]), _f(s["bwt"]), _f(s["fwt"]), _f(s.get("mean_forgetting")),
                      _f((run.get("summary_validation") or {}).get("aa")), _f(run.get("median_step_s"), 2), wall]
             if per_task:

@@ -58,6 +58,9 @@ class Method:
     name = "seq_lora"
     fresh_adapter_per_task = False  # per_task / o_lora start each task from a new adapter
     joint_training = False  # mtl trains once on all tasks
+    # trains task 1 exactly as seq_lora does (nothing to regularize yet), so it may adopt a stored task 1
+    # (train/first_task.py); a method that adds anything on task 1 says False
+    plain_first_task = True
 
     def __init__(self, config: RunConfig):
         self.config = config

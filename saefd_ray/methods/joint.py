@@ -23,6 +23,7 @@ BASE_ROW = "per_task/base_row.json"
 class Mtl(Method):
     name = "mtl"
     joint_training = True
+    plain_first_task = False  # one stage over all tasks
 
     def training_examples(self, task_index: int, tasks: list[Task], state_dir: Path | None) -> list[Example]:
         return [example for task in tasks for example in task.train]
@@ -35,6 +36,7 @@ class Mtl(Method):
 class PerTask(Method):
     name = "per_task"
     fresh_adapter_per_task = True
+    plain_first_task = False  # its rows are rewritten (adjust_row)
 
     def adjust_row(self, row: list[float], base_row: list[float] | None, ctx: TaskContext,
                    split: str = "test") -> list[float]:

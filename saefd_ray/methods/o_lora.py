@@ -32,6 +32,7 @@ def orthogonality(model: nn.Module, old_a: dict[str, list[Tensor]]) -> Tensor:
 
 class OLora(Method):
     name = "o_lora"
+    plain_first_task = False  # its L2 term acts from task 1 on
     fresh_adapter_per_task = True
 
     def __init__(self, config):

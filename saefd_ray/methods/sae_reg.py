@@ -86,6 +86,7 @@ def hinge_losses(d: Tensor, protect: Tensor, high: Tensor, budget: float, thresh
 
 class SaeReg(Method):
     name = "sae_reg"
+    plain_first_task = False  # its guide and protect terms act from task 1 on
 
     def __init__(self, config):
         super().__init__(config)

@@ -23,7 +23,7 @@ from saefd_ray.errors import CheckpointError, NonFiniteLossError
 from saefd_ray.io import atomic_write_text, sha256_file, tree_digest
 from saefd_ray.methods import build_method
 from saefd_ray.models.loading import resolve_model_path
-from saefd_ray.train import base_rows
+from saefd_ray.train import base_rows, first_task
 from saefd_ray.train.failures import fit_with_retries
 from saefd_ray.train.deepspeed_setup import select_accelerator
 from saefd_ray.train.worker import NONFINITE_FILE, ROW_FILE, train_task
@@ -156,9 +156,11 @@ def init_ray(address: str | None = None) -> None:
 
 
 def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, state_in: Path | None,
-             examples, score_base: bool, observe: dict | None = None, base_cache: list[dict] | None = None) -> Path:
+             examples, score_base: bool, observe: dict | None = None, base_cache: list[dict] | None = None,
+             shared_first_task: Path | None = None) -> Path:
     """Train task `index` on Ray Train; returns the local folder of its reported checkpoint. `score_base`: also
-    score the base row, taking the scores `base_cache` knows (train/base_rows.py)."""
+    score the base row, taking the scores `base_cache` knows (train/base_rows.py). `shared_first_task`: a stored
+    task 1 to adopt instead of training it (train/first_task.py)."""
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -181,6 +183,7 @@ def run_task(config: RunConfig, index: int, tasks: list[Task], model_path: str, 
                 "train_examples": examples,
                 "score_base": score_base,
                 "base_cache": base_cache,
+                "first_task": str(shared_first_task) if shared_first_task else None,
                 "observe": observe,  # TensorBoard folder, progress channel, step offset (saefd_ray.observe.monitor)
                 # SAEFD_KILL_WORKER_AT="task,epoch,step,rank" (0-based task/epoch/rank; or a Ray node id in place of
                 # the rank: the worker on that node): SIGKILL that worker, in the first attempt only.
@@ -249,12 +252,13 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     stages = [0] if method.joint_training else list(range(len(tasks)))
     rows: list[list[float]] = []  # test: the report
     rows_validation: list[list[float]] = []  # validation: what selection reads
-    base_row_cache = None
+    base_row_cache = adopted = None
     timings: dict[str, float] = {}
     state_in: Path | None = None
     step_offset = 0  # optimizer steps of the earlier stages: the TensorBoard x axis runs over the whole sequence
     model_digest = inputs["model"] if Path(model_path).expanduser().exists() else None
     base_cache = base_rows.entries(config, tasks, model_digest)  # base scores earlier runs on this root computed
+    first_key = first_task.key(config, tasks, model_digest) if method.plain_first_task else None
     show = progress and not verbose()
     for index in stages:
         label = "all" if method.joint_training else names[index]
@@ -265,17 +269,25 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
             began = time.time()
             examples = method.training_examples(index, tasks, state_in)
             stage = f"task {index + 1}/{len(tasks)} {label}: training on {len(examples)} examples"
+            shared = first_task.lookup(config, first_key) if index == 0 else None
+            if shared is not None:
+                trained_by = json.loads((shared / ROW_FILE).read_text())["trained_by"]
+                stage = f"task 1/{len(tasks)} {label}: the task 1 that run {trained_by!r} trained (train/first_task.py)"
             if not show:
                 print(stage, flush=True)
             with StageProgress(stage, enabled=show) as bar:
                 observe = {"tb_dir": str(run_dir / "tb"), "progress": bar.channel, "step_offset": step_offset}
                 checkpoint = run_task(config, index, tasks, model_path, state_in, examples, score_base=index == 0,
-                                      observe=observe, base_cache=base_cache if index == 0 else None)
+                                      observe=observe, base_cache=base_cache if index == 0 else None,
+                                      shared_first_task=shared)
             publish(checkpoint, folder)
+            if index == 0 and shared is None:
+                first_task.store(config, first_key, folder, config.output.run_name)
             timings[f"task_{label}_s"] = round(time.time() - began, 2)
         metrics = json.loads((folder / ROW_FILE).read_text())
         step_offset += metrics.get("planned_steps") or metrics.get("steps") or 0
         if index == 0:
+            adopted = metrics.get("first_task")  # task 1 another run on this root trained (train/first_task.py)
             rows.append(metrics["base_row"])
             rows_validation.append(metrics["base_row_validation"])
             base_rows.store(config, base_cache, metrics)
@@ -297,6 +309,7 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
         "summary_validation": summarize(rows_validation, names),
         "validation": {t.name: {"source": t.validation_source, "size": len(t.validation)} for t in tasks},
         "base_row_cache": base_row_cache,  # per task: digest, and whether its base scores came from the cache
+        "first_task": adopted,  # None, or the key and run name of the stored task 1 this run adopted
         "environment": base_rows.environment(),  # library versions and CPU instruction set (the driver's)
         "timings": {"total_s": round(time.time() - started, 2), **timings},  # this call's
         "timings_earlier_calls": _earlier_timings(run_dir),  # a resumed or re-run sequence keeps what came before

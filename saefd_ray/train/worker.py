@@ -24,13 +24,15 @@ import torch
 from saefd_ray.config import RunConfig
 from saefd_ray.data.render import collate, encode, shard_batches
 from saefd_ray.data.tasks import Task
-from saefd_ray.methods.base import ADAPTER, TaskContext, trainable_state
+from saefd_ray.methods.base import ADAPTER, TaskContext, load_adapter_weights, trainable_state
 from saefd_ray.observe.monitor import TaskMonitor
 from saefd_ray.train.deepspeed_setup import create_engine, select_accelerator
 
 ROW_FILE = "row.json"
 NONFINITE_FILE = "NONFINITE.txt"  # a marker checkpoint: the driver raises its message and publishes nothing
 PROGRESS_FILE = "progress.pt"
+TRAINED = ("base_cache", "base_scoring_s", "train_loss", "first_loss", "epoch_losses", "median_step_s", "steps",
+           "resumed_from")  # row.json fields a stored task 1 (train/first_task.py) carries over
 KILL_GRACE_S = 10  # fault injection: seconds between the last report and the kill (five of the controller's polls)
 SPLITS = ("validation", "test")  # every stage scores both: validation chooses, test reports
 
@@ -81,6 +83,13 @@ def train_task(loop: dict) -> None:
     )
     model = method.prepare_model(model, ctx)
     method.load_state(ctx)
+    # a task 1 another plain method trained on this root (train/first_task.py): adopt it, train nothing, and run
+    # only this method's after_task on it
+    shared = json.loads((Path(loop["first_task"]) / ROW_FILE).read_text()) if loop.get("first_task") else None
+    if shared is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_adapter_weights(Path(loop["first_task"]) / ADAPTER))
     model.to(device)
 
     encoded = [
@@ -97,7 +106,9 @@ def train_task(loop: dict) -> None:
 
     base_rows, base_seconds = dict.fromkeys(SPLITS), None
     base_cache = loop.get("base_cache")  # per task: its cached base scores or None (train/base_rows.py)
-    if loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
+    if shared is not None:
+        base_rows = {"test": shared["base_row"], "validation": shared["base_row_validation"]}
+    elif loop["score_base"]:  # LoRA B starts at zero, so the model equals the base model here
         began = time.perf_counter()
         base_rows = {split: score_row(engine.module, tokenizer, tasks, config, device, split,
                                       on_task=lambda done, n, s=split: monitor.scoring(done, n, s),
@@ -115,7 +126,7 @@ def train_task(loop: dict) -> None:
     kill_at = tuple(loop["kill_at"]) if loop.get("kill_at") else None  # fault-injection for the resilience tests
     who = (rank, ray.get_runtime_context().get_node_id())  # a kill names a rank, or a node by its id
     step_time, losses, epoch_losses = [], [], []
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, epochs if shared is None else 0):
         batches = shard_batches(encoded, config.training.batch_size, rank, world, config.training.seed * 7919 + epoch)
         epoch_start = len(losses)
         for step, items in enumerate(batches):
@@ -152,9 +163,10 @@ def train_task(loop: dict) -> None:
                 print(f"[{tasks[task_index].name}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f}")
 
     method.after_task(engine.module, ctx)
-    rows = {split: method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, split,
-                                               on_task=lambda done, n, s=split: monitor.scoring(done, n, s)),
-                                     base_rows[split], ctx, split) for split in SPLITS}
+    rows = {"test": shared["row"], "validation": shared["row_validation"]} if shared else {
+        split: method.adjust_row(score_row(engine.module, tokenizer, tasks, config, device, split,
+                                           on_task=lambda done, n, s=split: monitor.scoring(done, n, s)),
+                                 base_rows[split], ctx, split) for split in SPLITS}
     monitor.scores(names, rows["test"])
     monitor.close()
     adapter = trainable_state(engine.module, config.distributed.zero_stage)
@@ -175,6 +187,9 @@ def train_task(loop: dict) -> None:
         "planned_steps": epochs * steps_per_epoch,  # the driver's TensorBoard step offset of the next task
         "resumed_from": [start_epoch, start_step] if restored else None,  # set after a worker-group restart
     }
+    if shared is not None:  # the training the stored task 1 did, and where it came from
+        metrics.update({k: shared[k] for k in TRAINED if k in shared},
+                       first_task={"key": shared["key"], "trained_by": shared["trained_by"]})
     checkpoint = None
     if rank == 0:
         _write_task_checkpoint(engine.module, adapter, workdir, metrics)
