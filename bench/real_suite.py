@@ -228,6 +228,8 @@ def run_real_suite(bench_cfg: dict, budget_name: str, data_root: Path, sae_run: 
         return keys
 
     def report() -> list[Path]:
+        if state["lr_choice"]:  # read from every run so far, so a report written mid-suite names it as the end would
+            state["strongest"] = strongest(runs, all_orders, all_methods)
         suite = suite_dict("cl4", budget_name, bench_cfg, all_methods + extra, all_orders, base, runs, planned())
         suite.update(state, seeds=budget.get("seeds", []),
                      seed_methods=[state["strongest"] if m == "strongest" else m for m in budget.get("seed_methods", [])])
