@@ -449,6 +449,11 @@ def _check_paths(config: RunConfig, source: str) -> None:
             value = getattr(task, field)
             if value and not config.data_path(value).exists():
                 raise ConfigError(f"{source}: tasks.sequence.{index}.{field}: {config.data_path(value)} not found")
+    sae = getattr(config.method, "sae", None)  # sae_fd, sae_reg: a missing SAE folder, before any import or worker
+    for index, src in enumerate(sae if isinstance(sae, list) else [sae] if sae is not None else []):
+        if src.path and not Path(src.path).expanduser().is_dir():
+            key = f"method.sae.{index}" if isinstance(sae, list) else "method.sae"
+            raise ConfigError(f"{source}: {key}.path: {Path(src.path).expanduser()} not found")
     name = config.model.name_or_path
     if name != "tiny" and (name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()):
         raise ConfigError(f"{source}: model.name_or_path: {name} not found")

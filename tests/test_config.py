@@ -55,6 +55,7 @@ def test_override_into_list_item(tmp_path):
         ("tasks:\n  sequence:\n    - {name: a, format: trace, path: /nonexistent/x}\n", [], "/nonexistent/x not found"),
         (MINIMAL + "model: {name_or_path: ./no/such/model}\n", [], "model.name_or_path: ./no/such/model not found"),
         (MINIMAL, ["tasks.order=2"], "order '2' is not one of orders"),
+        (MINIMAL, ["method.name=sae_fd", "method.sae.path=/no/such/sae"], "method.sae.path: /no/such/sae not found"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, overrides, expected):
