@@ -2,7 +2,7 @@
 
 No regularizer has anything to hold on task 1 — SAE-FD has no anchors yet, LwF no teacher, EWC no Fisher, L2 no
 reference, replay no buffer — so with the same seed those methods train task 1 step for step as seq_lora does
-(`Method.plain_first_task`; tests/test_methods_unit.py checks each claim, tests/test_methods_ray.py the training).
+(`Method.plain_first_task`; tests/test_first_task.py checks each claim and the training).
 A suite of methods × seeds on one root trained it again in every run: about a third of a SmolLM2 run.
 
 So the first plain run on a root stores its trained task-1 adapter and row (`<output.root>/first_task/<key>/`),
@@ -26,11 +26,11 @@ from pathlib import Path
 from saefd_ray.config import RunConfig
 from saefd_ray.data.tasks import Task
 from saefd_ray.io import atomic_write_text, sha256_file
+from saefd_ray.methods.base import ADAPTER
 from saefd_ray.train.base_rows import PACKAGE, environment
+from saefd_ray.train.worker import ROW_FILE
 
 FOLDER = "first_task"
-ADAPTER = "adapter"
-ROW_FILE = "row.json"
 # what trains and scores task 1: the loop, the engine, the data and prompts, the model and its LoRA wrap, scoring
 TRAINING_CODE = ("train/worker.py", "train/deepspeed_setup.py", "methods/base.py", "data/render.py",
                  "data/tasks.py", "models/loading.py", "eval/scoring.py", "eval/metrics.py")
