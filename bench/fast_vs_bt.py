@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
 def _main(argv=None) -> dict:
     from saefd_ray.models.loading import load_tokenizer, resolve_model_path
     from saefd_ray.stream.config import load_sae_config
-    from saefd_ray.stream.harvest import load_instances
+    from saefd_ray.stream.plan import load_instances
     from saefd_ray.stream.run import init_ray, model_dims
 
     args = parse_args(argv)

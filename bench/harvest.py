@@ -56,7 +56,8 @@ def harvest_bench(n_instances: int) -> dict:
 
     from saefd_ray.models.loading import load_model, load_tokenizer, resolve_model_path, residual_stream
     from saefd_ray.stream.config import load_sae_config
-    from saefd_ray.stream.harvest import harvest_batch, load_instances, plan_batches, render
+    from saefd_ray.stream.harvest import harvest_batch, plan_batches, render
+    from saefd_ray.stream.plan import load_instances
     from saefd_ray.stream.pipeline import activation_dataset, window_padding
     from saefd_ray.stream.run import tokenizer_texts
 
@@ -65,8 +66,7 @@ def harvest_bench(n_instances: int) -> dict:
     cores = os.cpu_count() or 1
     config = load_sae_config(REPO / "configs" / preset, ["data.eval_instances=0", f"data.harvest_actors={cores}",
                                                        "data.cpus_per_actor=1"])
-    train, _ = load_instances(config)
-    instances = train[:n_instances]
+    instances, _ = load_instances(config, limit=n_instances)
     model_path = resolve_model_path(config.model, tokenizer_texts(config))
     torch.set_num_threads(cores)
     tok = load_tokenizer(model_path)

@@ -58,7 +58,8 @@ def main(argv=None) -> Path:
     from saefd_ray.models.loading import check_layer, load_model, load_tokenizer, resolve_model_path
     from saefd_ray.sae.formats import load_saelens
     from saefd_ray.sae.special_features import steered_generate, top_features
-    from saefd_ray.stream.harvest import load_instances, render
+    from saefd_ray.stream.harvest import render
+    from saefd_ray.stream.plan import load_instances
     from saefd_ray.stream.run import tokenizer_texts
     from saefd_ray.stream.checkpoint import latest_checkpoint
 
@@ -80,8 +81,8 @@ def main(argv=None) -> Path:
     torch.manual_seed(0)
     features_path = config.run_dir / "special_features.json"
     if args.top_features:
-        train, _ = load_instances(config)
-        seqs = [render(tokenizer, json.loads(i["messages"]), config.data.max_len) for i in train[: args.instances]]
+        train, _ = load_instances(config, limit=args.instances)  # the first training instances, in id order
+        seqs = [render(tokenizer, json.loads(i["messages"]), config.data.max_len) for i in train]
         table = top_features(model, tokenizer, sae, layer, seqs)
         atomic_write_text(features_path, json.dumps({"sae": str(folder), "layer": layer, "instances": len(seqs),
                                                      "tokens": table}, indent=1))

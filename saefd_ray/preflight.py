@@ -140,8 +140,9 @@ def check_options(tokenizer, tasks: list[Task], config: RunConfig) -> None:
 
 
 def check_sae_run(config, instances: list[dict], tokenizer, d_in: int) -> None:
-    """`jobs/train_sae.py`: the SAE each worker builds (k, width, latent slices), and the first instance of every
-    source through the chat template (a later bad record is named by the harvesting actor, `harvest.render_checked`)."""
+    """`jobs/train_sae.py`: the SAE each worker builds (k, width, latent slices), and the first record of every
+    source through the chat template (`instances`: `InputPlan.first_instances()`; a later bad record is named by
+    the Ray task that reads or renders it: `sources.read_shard`, `harvest.render_checked`)."""
     import json
 
     from saefd_ray.stream.harvest import render_checked

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from saefd_ray.stream.config import validate_sae
-from saefd_ray.stream.harvest import Harvester, load_instances
+from saefd_ray.stream.harvest import Harvester
+from saefd_ray.stream.plan import load_instances
 
 pytestmark = pytest.mark.ray
 

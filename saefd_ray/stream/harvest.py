@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,112 +31,6 @@ from saefd_ray.errors import DataError
 
 ROW_COLUMNS = ("activation", "token_id", "instance_id", "position", "is_special", "layer", "is_sink")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}  # bf16 has no numpy dtype
-
-
-# --------------------------------------------------------------------------------------------- instances
-
-
-def to_messages(record: dict, prompt_field: str, answer_field: str, messages_field: str, where: str) -> list[dict]:
-    """A record as chat messages: its `messages` list, else prompt (user) + answer (assistant)."""
-    if messages_field in record:
-        messages = record[messages_field]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
-        ):
-            raise DataError(f"{where}: {messages_field!r} must be a non-empty list of {{role, content}} objects")
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if prompt_field not in record:
-        raise DataError(f"{where}: no field {prompt_field!r} (or {messages_field!r})")
-    messages = [{"role": "user", "content": str(record[prompt_field])}]
-    if record.get(answer_field) not in (None, ""):
-        messages.append({"role": "assistant", "content": str(record[answer_field])})
-    return messages
-
-
-def read_source_records(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            records = pq.read_table(path).to_pylist()
-        except Exception as err:  # noqa: BLE001 - any pyarrow failure is a bad file
-            raise DataError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
-        if not records:
-            raise DataError(f"{path}: no records")
-        return records
-    from saefd_ray.data.tasks import read_records
-
-    return read_records(path)
-
-
-class _TaskShim:
-    """What `load_task` needs from a run config: path resolution, the tasks' seed and validation size (a run's
-    default, so an SAE harvested from a task's train split leaves out the instances the run validates on)."""
-
-    def __init__(self, config) -> None:
-        from saefd_ray.config import ValidationConfig
-
-        self._config = config
-        self.tasks = type("T", (), {"seed": config.data.seed, "validation": ValidationConfig()})()
-
-    def data_path(self, relative: str) -> Path:
-        return self._config.data_path(relative)
-
-
-def source_label(source) -> str:
-    return f"source {source.path}" if source.kind != "task" else f"source task {source.task.name!r}"
-
-
-def source_messages(config, source) -> list[list[dict]]:
-    """All instances of one source, as message lists, in file order (subsampled if `max_instances`)."""
-    return [messages for _, messages in source_records(config, source)]
-
-
-def source_records(config, source) -> list[tuple[int, list[dict]]]:
-    """(record index in the source, messages) of every instance of one source (subsampled if `max_instances`)."""
-    if source.kind == "file":
-        path = config.data_path(source.path)
-        records = read_source_records(path)
-        out = [to_messages(r, source.prompt_field, source.answer_field, source.messages_field, f"{path}: record {i}")
-               for i, r in enumerate(records)]
-    elif source.kind == "task":
-        from saefd_ray.data.tasks import load_task
-
-        task = load_task(source.task, _TaskShim(config))
-        out = [[{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.answer}] for e in task.train]
-    else:  # hf
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"source {source.path!r}: kind 'hf' needs the `datasets` package") from None
-        try:
-            ds = datasets.load_dataset(source.path, source.hf_config, split=source.split)
-        except Exception as err:  # noqa: BLE001 - offline, unknown id, ...
-            raise DataError(f"source {source.path!r}: cannot load ({str(err).splitlines()[0]})") from None
-        out = [to_messages(dict(r), source.prompt_field, source.answer_field, source.messages_field,
-                           f"{source.path}: record {i}") for i, r in enumerate(ds)]
-    indices = list(range(len(out)))
-    if source.max_instances and source.max_instances < len(out):
-        rng = random.Random(f"{config.data.seed}:{source.path or source.task.name}")
-        indices = sorted(rng.sample(indices, source.max_instances))
-    return [(i, out[i]) for i in indices]
-
-
-def load_instances(config) -> tuple[list[dict], list[dict]]:
-    """(train, eval) instances: every source, one seeded shuffle, the first `eval_instances` held out.
-
-    Each instance is `{"instance_id": int, "messages": json, "origin": "<source> record <i>"}`; ids are positions
-    in the shuffled list, stable for a given config, so a resumed run and the activation cache can name instances;
-    `origin` names the record in error messages.
-    """
-    items = [(messages, f"{source_label(source)} record {index}") for source in config.data.sources
-             for index, messages in source_records(config, source)]
-    order = list(range(len(items)))
-    random.Random(f"saefd-sae-instances:{config.data.seed}").shuffle(order)
-    instances = [{"instance_id": i, "messages": json.dumps(items[j][0]), "origin": items[j][1]}
-                 for i, j in enumerate(order)]
-    n_eval = min(config.data.eval_instances, max(0, len(instances) - 1))
-    return instances[n_eval:], instances[:n_eval]
 
 
 def render_checked(tokenizer, messages_json: str, max_len: int, origin: str) -> list[int]:
@@ -207,6 +101,16 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> tuple[int, in
     real = sum(lengths[i] for b in batches for i in b)
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return real, padded
+
+
+def padding_of_window(lengths: list[int], max_batch_tokens: int, max_padding: float) -> tuple[int, int, int]:
+    """(real, padded, unsorted padded) tokens of one window: the bucketing plan the actors use, and the same
+    number of forward passes over consecutive instances in arrival order."""
+    plan = plan_batches(lengths, max_batch_tokens, max_padding)
+    real, padded = padding_waste(lengths, plan)
+    per = max(1, math.ceil(len(lengths) / max(1, len(plan))))
+    naive = sum(max(lengths[s : s + per]) * len(lengths[s : s + per]) for s in range(0, len(lengths), per))
+    return real, padded, naive
 
 
 # --------------------------------------------------------------------------------------------- forward

@@ -1,15 +1,17 @@
-"""The Ray Data activation stream: instances → actor pool holding the model → activation rows (→ Ray Train).
+"""The Ray Data activation stream: instance stream → actor pool holding the model → activation rows (→ Ray Train).
 
-    instances (from_items, one block per window)
+    InputPlan (plan.py: file names, counts, digests, selection — no records on the driver)
+      → instance_stream (instances.py: range of shard numbers → read in Ray tasks → windows of `window` rows)
       → map_batches(Harvester, batch_size=window, compute=ActorPoolStrategy(size=harvest_actors),
-                    num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)      # bucketing + truncated forward
-      → rows {activation, token_id, instance_id, position, is_special, layer}
+                    num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)      # chat template, bucketing, forward
+      → rows {activation, token_id, instance_id, position, is_special, layer, is_sink}
 
 The dataset is lazy and streamed: Ray Train's `datasets={"train": ds}` splits it across the SAE workers with
 `streaming_split`, and nothing holds more than the in-flight blocks. With `data.cache` the harvesting actors also tee
-every window to a parquet shard under `cache_dir/<key>/`; once the shards cover every instance, later runs stream
-`read_parquet` of them instead of running the model (`key` hashes the model files, layers, max_len, the instance
-texts and the activation dtype, so a stale cache never loads).
+every window to a parquet shard under `cache_dir/<key>/`; once the shards cover every training instance, later runs
+stream them instead of running the model. `key` hashes the model files, layers, max_len, activation dtype and the
+plan's digest (source file digests + selection settings), so a stale cache never loads. A small explicit list of
+instances (benches, tests) still goes in through `from_items`, keyed by its texts.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from saefd_ray.stream.harvest import Harvester, shard_to_numpy
+from saefd_ray.stream.instances import instance_stream
 
 
-def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype: str, instances: list[dict],
+def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype: str, data_digest: str,
               sink_ratio: float | None = None) -> str:
     h = hashlib.sha256()
     model_dir = Path(model_path).expanduser()
@@ -33,26 +36,35 @@ def cache_key(model_path: str, layers: list[int], max_len: int, activation_dtype
         if f.is_file():  # size + mtime, not a full hash of a multi-GB file
             st = f.stat()
             h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(json.dumps([model_path, layers, max_len, activation_dtype, "is_sink", sink_ratio]).encode())
-    for inst in instances:
-        h.update(f"{inst['instance_id']}\0{inst['messages']}\0".encode())
+    h.update(json.dumps([model_path, layers, max_len, activation_dtype, "is_sink", sink_ratio, data_digest]).encode())
     return h.hexdigest()[:20]
 
 
-def cached_shards(folder: Path, needed: set[int]) -> list[Path] | None:
-    """Shard files that together cover `needed` instance ids, each instance once; None if they don't."""
+def instances_digest(instances: list[dict]) -> str:
+    """An explicit instance list's digest (its ids and texts)."""
+    h = hashlib.sha256()
+    for inst in instances:
+        h.update(f"{inst['instance_id']}\0{inst['messages']}\0".encode())
+    return h.hexdigest()
+
+
+def cached_shards(folder: Path, needed: np.ndarray) -> list[Path] | None:
+    """Shard files that together cover the instance ids marked in `needed` (a bool per id), each instance once;
+    None if they don't. Reads one shard's `instance_id` column at a time."""
     import pyarrow.parquet as pq
 
     if not folder.is_dir():
         return None
-    chosen, covered = [], set()
+    chosen, covered = [], np.zeros(len(needed), bool)
     for path in sorted(folder.glob("shard-*.parquet")):
-        ids = set(pq.read_table(path, columns=["instance_id"]).column("instance_id").to_numpy().tolist())
-        if ids & covered:  # written twice (an interrupted run): keep the first copy
+        ids = pq.read_table(path, columns=["instance_id"]).column("instance_id").to_numpy()
+        if len(ids) and ids.max() >= len(covered):
+            covered = np.concatenate([covered, np.zeros(int(ids.max()) + 1 - len(covered), bool)])
+        if covered[ids].any():  # written twice (an interrupted run): keep the first copy
             continue
         chosen.append(path)
-        covered |= ids
-    return chosen if needed <= covered and chosen else None
+        covered[ids] = True
+    return chosen if chosen and not (needed & ~covered[: len(needed)]).any() else None
 
 
 def instance_dataset(instances: list[dict], window: int):
@@ -61,28 +73,50 @@ def instance_dataset(instances: list[dict], window: int):
     return ray.data.from_items(instances, override_num_blocks=max(1, math.ceil(len(instances) / window)))
 
 
-def activation_dataset(config, model_path: str, instances: list[dict], *, skip: set[int] | None = None,
-                       threads: int | None = None, preserve_order: bool = False):
-    """The lazy activation-row dataset of `instances` (minus `skip`), and where it comes from ("model"/"cache")."""
+def id_mask(ids, size: int) -> np.ndarray:
+    """A bool per instance id in [0, size) from ids (a set / list / array) or an existing mask."""
+    arr = np.asarray(sorted(ids) if isinstance(ids, (set, frozenset)) else ids)
+    if arr.dtype == bool:
+        return np.concatenate([arr, np.zeros(max(0, size - len(arr)), bool)])[:size]
+    arr = arr.astype(np.int64)
+    out = np.zeros(size, bool)
+    out[arr[arr < size]] = True
+    return out
+
+
+def activation_dataset(config, model_path: str, instances, *, skip=None, threads: int | None = None,
+                       preserve_order: bool = False):
+    """The lazy activation-row dataset of `instances` — an `InputPlan` (streamed from the files) or a list of
+    instance dicts — minus `skip` (ids, or a bool per id), and where it comes from ("model"/"cache")."""
     import ray.data
+
+    from saefd_ray.stream.plan import InputPlan
 
     data = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False
     if preserve_order:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-    skip = skip or set()
+    streamed = isinstance(instances, InputPlan)
+    size = instances.total if streamed else 1 + max((i["instance_id"] for i in instances), default=-1)
+    skip_mask = id_mask(skip if skip is not None else [], size)
     cache_folder = None
     if data.cache:
-        key = cache_key(model_path, config.layers, data.max_len, data.activation_dtype, instances, data.sink_norm_ratio)
+        digest = instances.digest if streamed else instances_digest(instances)
+        key = cache_key(model_path, config.layers, data.max_len, data.activation_dtype, digest, data.sink_norm_ratio)
         cache_folder = Path(data.cache_dir).expanduser().resolve() / key
-        shards = cached_shards(cache_folder, {i["instance_id"] for i in instances})
+        needed = instances.needed_mask() if streamed else id_mask([i["instance_id"] for i in instances], size)
+        shards = cached_shards(cache_folder, needed)
         if shards is not None:
             # one task per shard file, read whole with pyarrow (streamed; a shard is one window)
             ds = ray.data.from_items([{"path": str(p)} for p in shards], override_num_blocks=len(shards))
-            ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"skip": sorted(skip)})
+            ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy",
+                                fn_kwargs={"want": needed & ~skip_mask})
             return ds, "cache"
-    todo = [i for i in instances if i["instance_id"] not in skip]
-    ds = instance_dataset(todo, data.window).map_batches(
+    if streamed:
+        source = instance_stream(instances, data.window, skip_mask if skip_mask.any() else None)
+    else:
+        source = instance_dataset([i for i in instances if not skip_mask[i["instance_id"]]], data.window)
+    ds = source.map_batches(
         Harvester,
         batch_size=data.window,
         compute=ray.data.ActorPoolStrategy(size=data.harvest_actors),
@@ -100,42 +134,40 @@ def activation_dataset(config, model_path: str, instances: list[dict], *, skip: 
     return ds, "model"
 
 
-def _read_shards(batch: dict, skip: list[int]) -> dict[str, np.ndarray]:
+def _read_shards(batch: dict, want: np.ndarray) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
-    parts = [_from_shard(pq.read_table(str(path)), skip) for path in batch["path"]]
+    parts = [_from_shard(pq.read_table(str(path)), want) for path in batch["path"]]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _from_shard(table, skip: list[int]) -> dict[str, np.ndarray]:
+def _from_shard(table, want: np.ndarray) -> dict[str, np.ndarray]:
+    """A cache shard's rows of the wanted instances (training, not yet consumed)."""
     rows = shard_to_numpy(table)
-    if skip:
-        keep = ~np.isin(rows["instance_id"], np.asarray(skip, dtype=np.int64))
-        rows = {k: v[keep] for k, v in rows.items()}
-    return rows
+    ids = rows["instance_id"]
+    keep = np.zeros(len(ids), bool)
+    inside = ids < len(want)
+    keep[inside] = want[ids[inside]]
+    return {k: v[keep] for k, v in rows.items()}
 
 
 def window_padding(tokenizer, instances: list[dict], config) -> dict:
-    """Padding waste of the bucketing plan the actors use, over the same windows (a pure re-computation)."""
-    from saefd_ray.stream.harvest import padding_waste, plan_batches, render
+    """Padding waste of the bucketing plan over consecutive windows of an explicit instance list (benches; the
+    SAE job computes it in Ray Data: `instances.stream_padding`)."""
+    from saefd_ray.stream.harvest import padding_of_window, render
 
     data = config.data
-    real = padded = 0
-    naive_padded = 0
+    real = padded = naive = 0
     for start in range(0, len(instances), data.window):
         window = instances[start : start + data.window]
         lengths = [len(render(tokenizer, json.loads(i["messages"]), data.max_len)) for i in window]
-        r, p = padding_waste(lengths, plan_batches(lengths, data.max_batch_tokens, data.max_padding))
-        real, padded = real + r, padded + p
-        # the same number of forward passes without sorting: consecutive instances in arrival order
-        per = max(1, math.ceil(len(lengths) / max(1, len(plan_batches(lengths, data.max_batch_tokens,
-                                                                        data.max_padding)))))
-        naive_padded += sum(max(lengths[s : s + per]) * len(lengths[s : s + per]) for s in range(0, len(lengths), per))
+        r, p, n = padding_of_window(lengths, data.max_batch_tokens, data.max_padding)
+        real, padded, naive = real + r, padded + p, naive + n
     return {
         "real_tokens": real,
         "padded_tokens": padded,
         "padding_waste": 1 - real / padded if padded else 0.0,
-        "unsorted_padding_waste": 1 - real / naive_padded if naive_padded else 0.0,
+        "unsorted_padding_waste": 1 - real / naive if naive else 0.0,
     }
 
 

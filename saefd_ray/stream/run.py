@@ -34,13 +34,11 @@ def fingerprint(config: SaeTrainConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def input_digests(instances: list[dict], model_path: str) -> dict[str, str]:
-    """What defines the SAE besides the config: the instance texts and the model files (`io.tree_digest`)."""
-    data = hashlib.sha256()
-    for instance in instances:
-        data.update(f"{instance['instance_id']}\0{instance['messages']}\0".encode())
+def input_digests(plan, model_path: str) -> dict[str, str]:
+    """What defines the SAE besides the config: the input plan's digest (source file digests + selection) and the
+    model files (`io.tree_digest`)."""
     model = tree_digest(model_path) if Path(model_path).expanduser().exists() else model_path
-    return {"data": data.hexdigest(), "model": model}
+    return {"data": plan.digest, "model": model}
 
 
 def prepare_run_dir(config: SaeTrainConfig, inputs: dict[str, str] | None = None) -> Path:
@@ -72,12 +70,12 @@ def prepare_run_dir(config: SaeTrainConfig, inputs: dict[str, str] | None = None
 def tokenizer_texts(config: SaeTrainConfig, per_task: int = 200) -> list[str]:
     """For the offline tiny model: the texts run_sequence trains its tokenizer on, from the task sources."""
     from saefd_ray.data.tasks import load_task
-    from saefd_ray.stream.harvest import _TaskShim
+    from saefd_ray.stream.sources import TaskShim
 
     texts = []
     for src in config.data.sources:
         if src.kind == "task":
-            task = load_task(src.task, _TaskShim(config))
+            task = load_task(src.task, TaskShim(config))
             texts += [t for e in task.train[:per_task] for t in (e.prompt, e.answer)]
     return texts
 
@@ -154,10 +152,28 @@ def schedule_used(config: SaeTrainConfig) -> dict:
     return fit_schedule(t.tokens // t.batch_size, t.lr_warmup_steps, t.lr_decay_steps, t.sparsity_warmup_steps)
 
 
+PADDING_FILE = "padding.json"
+
+
+def padding_report(config: SaeTrainConfig, plan, model_path: str, run_dir: Path) -> dict:
+    """The bucketing's padding waste over the training stream, computed once in Ray Data (`stream_padding`) and
+    kept in the run folder for later re-evaluations."""
+    from saefd_ray.stream.instances import instance_stream, stream_padding
+
+    path = run_dir / PADDING_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("data") == plan.digest:
+            return saved["padding"]
+    init_ray(config)
+    padding = stream_padding(instance_stream(plan, config.data.window), model_path, config)
+    atomic_write_text(path, json.dumps({"data": plan.digest, "padding": padding}))
+    return padding
+
+
 def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.models.loading import load_tokenizer, resolve_model_path
-    from saefd_ray.stream.harvest import load_instances
-    from saefd_ray.stream.pipeline import window_padding
+    from saefd_ray.stream.plan import plan_inputs
     from saefd_ray.stream.report import evaluate_checkpoint, write_report
     from saefd_ray.stream.checkpoint import PROGRESS, latest_checkpoint
     from saefd_ray.errors import ConfigError
@@ -166,16 +182,18 @@ def train_sae(config: SaeTrainConfig) -> dict:
     from saefd_ray.train.deepspeed_setup import select_accelerator
 
     select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, don't let it guess
-    train, held = load_instances(config)  # every input is checked before anything is written or Ray starts
+    plan = plan_inputs(config)  # every source scanned (counts, digests, first records) before anything is written
+    held = plan.held_instances()
     model_path = resolve_model_path(config.model, tokenizer_texts(config))
     d_in, n_layers = model_dims(model_path)
     for layer in config.layers:
         if layer >= n_layers:
             raise ConfigError(f"layers: layer {layer} is out of range for a model with {n_layers} decoder layers")
     tokenizer = load_tokenizer(model_path, config.model.require_chat_template)
-    check_sae_run(config, train + held, tokenizer, d_in)
-    run_dir = prepare_run_dir(config, input_digests(train + held, model_path))
-    print(f"[sae] {len(train)} training instances, {len(held)} held out; model {model_path} (d={d_in})", flush=True)
+    check_sae_run(config, plan.first_instances(), tokenizer, d_in)
+    run_dir = prepare_run_dir(config, input_digests(plan, model_path))
+    print(f"[sae] {plan.n_train} training instances, {len(held)} held out ({plan.total} records in "
+          f"{len(plan.sources)} sources); model {model_path} (d={d_in})", flush=True)
     from saefd_ray.stream.report import describe_schedule
 
     print(f"[sae] {describe_schedule(schedule_used(config))}", flush=True)
@@ -191,19 +209,19 @@ def train_sae(config: SaeTrainConfig) -> dict:
         from saefd_ray.stream.pipeline import activation_dataset
         from saefd_ray.stream.checkpoint import CONSUMED
 
-        skip = set(np.flatnonzero(np.load(resume / CONSUMED)).tolist()) if resume else set()
-        dataset, source = activation_dataset(config, model_path, train, skip=skip)
+        skip = np.load(resume / CONSUMED) if resume else None  # a bool per instance id
+        dataset, source = activation_dataset(config, model_path, plan, skip=skip)
         from saefd_ray.observe.console import StageProgress, verbose
 
         stage = f"[sae] training {config.sae.architecture} SAE on layers {config.layers}"
         with StageProgress(stage, enabled=not verbose()) as bar:
-            fit_metrics = fit(config, dataset, d_in=d_in, n_instances=1 + max(i["instance_id"] for i in train),
+            fit_metrics = fit(config, dataset, d_in=d_in, n_instances=plan.total,
                               run_dir=run_dir, resume=resume, model_name=model_path,
                               observe={"tb_dir": str(run_dir / "tb"), "progress": bar.channel})
-        fit_metrics.update(source=source, skipped_instances=len(skip))
+        fit_metrics.update(source=source, skipped_instances=int(skip.sum()) if skip is not None else 0)
         resume = latest_checkpoint(run_dir)
         progress = json.loads((resume / PROGRESS).read_text())
-    padding = window_padding(tokenizer, train, config)
+    padding = padding_report(config, plan, model_path, run_dir)
     evaluation = evaluate_checkpoint(resume, model_path, held, config.layers, config.data.max_len,
                                      config.model.dtype, config.data.max_batch_tokens, config.data.sink_norm_ratio)
     report = {
