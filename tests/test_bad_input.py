@@ -383,6 +383,24 @@ def test_sae_job_chat_template_rejecting_system_role(sae_workspace, untrained_mo
     assert not (root / "runs").exists()
 
 
+@pytest.mark.parametrize("name, content, expected", [
+    ("chats.json", '[{"messages": [{"role": "user", "content": "hi"}]}, {"oops": 1}, ]',
+     "chats.json: record 2: invalid JSON"),
+    ("chats.json", '{"prompt": "a dict, not a list"}', "chats.json: expected a JSON list of records"),
+    ("chats.json", "[1, 2]", "chats.json: record 0 is int, expected an object"),
+    ("chats.jsonl", '{"messages": "not a list"}\n', "chats.jsonl: record 0: 'messages' must be a non-empty list"),
+    ("chats.jsonl", "{broken\n", "chats.jsonl: record 0: invalid JSON"),
+], ids=["json array bad record", "json not a list", "json record not an object", "jsonl bad messages",
+        "jsonl first line broken"])
+def test_sae_job_bad_source_file_is_one_line(sae_workspace, capsys, name, content, expected):
+    """The driver's scan of each source (counts, digest, first record) refuses a bad file before Ray starts."""
+    root, argv = sae_workspace
+    (root / "data" / name).write_text(content)
+    err = run_main(argv + ["--set", f"data.sources=[{{kind: file, path: {name}}}]"], capsys, sae_job.main)
+    assert err.startswith("error: ") and expected in err, err
+    assert not (root / "runs").exists()
+
+
 def test_harvester_names_a_later_bad_record(untrained_model_path, tmp_path):
     """A record past the driver's sample fails inside the harvesting actor with its source and index."""
     import numpy as np
