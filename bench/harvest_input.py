@@ -97,7 +97,7 @@ def child(path: str, mode: str) -> dict:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         t1 = time.perf_counter()
-        seen = instance_stream(plan, config.data.window).map_batches(_count, batch_size=config.data.window,
+        seen = instance_stream(plan).map_batches(_count, batch_size=config.data.window,
                                                                       batch_format="numpy").sum("n")
         out.update(pass_s=time.perf_counter() - t1, streamed=int(seen))
         assert int(seen) == plan.n_train, (seen, plan.n_train)

@@ -117,23 +117,25 @@ def test_planned_instances_equal_the_old_in_memory_reading(tmp_path):
 
 @pytest.mark.ray
 def test_instance_stream_yields_the_planned_training_instances(ray_cluster, tmp_path):
-    from saefd_ray.stream.instances import instance_stream
+    from saefd_ray.stream.instances import instance_stream, read_tasks
 
     _files(tmp_path)
     config = _config(tmp_path, a=100, c=30)
     plan = plan_inputs(config)
     train, _ = load_instances(config)
-    ds = instance_stream(plan, window=16)
+    ds = instance_stream(plan)
     rows = list(ds.iter_rows())
     assert sorted((r["instance_id"], r["messages"], r["origin"]) for r in rows) == \
         sorted((i["instance_id"], i["messages"], i["origin"]) for i in train)
-    sizes = [len(b["instance_id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    assert sum(s != 16 for s in sizes) <= 1  # exact windows for the harvesting actors (but the last one made)
+    windows = ds.map_batches(lambda b: {"n": np.asarray([len(b["instance_id"])])}, batch_size=16,
+                             batch_format="numpy")
+    sizes = [int(r["n"]) for r in windows.iter_rows()]  # the windows a harvesting actor would get
+    assert sum(sizes) == len(train) and sum(s != 16 for s in sizes) <= read_tasks(plan)  # full but one per task
     ids = [r["instance_id"] for r in rows]
     assert ids != sorted(ids)  # sources interleave (seeded shard order, shuffled within a read task)
     skip = np.zeros(plan.total, bool)
     skip[ids[:50]] = True
-    rest = [r["instance_id"] for r in instance_stream(plan, 16, skip).iter_rows()]
+    rest = [r["instance_id"] for r in instance_stream(plan, skip).iter_rows()]
     assert sorted(rest) == sorted(ids[50:])
 
 

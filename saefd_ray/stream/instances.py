@@ -4,8 +4,12 @@
       → map_batches(_read_shards)                     # each task: a group of shards (seeded order), read, chat
                                                       # messages, kept by max_instances / not held out / not done,
                                                       # shuffled within the group (seeded)
-      → repartition(target_num_rows_per_block=window, strict=True)   # exact windows for the harvesting actors
-      → rows {instance_id, messages (chat JSON), origin}
+      → rows {instance_id, messages (chat JSON), origin}, one block per read task
+
+The harvesting actors' `map_batches(batch_size=window)` cuts each block into windows: all full but the last of each
+read task. (`repartition(target_num_rows_per_block=window, strict=True)` would make every window full, but in Ray
+2.60 it made a 1 M-instance pass 7× slower and the driver's peak RSS grow with the instance count:
+bench/harvest_input.py.)
 
 Mixing: a run reads its shards (`sources.SHARD_RECORDS` consecutive records each) in a seeded random order, and
 each read task shuffles the `SHARDS_PER_TASK` shards it reads together, so sources interleave in the stream — the
@@ -25,15 +29,17 @@ from saefd_ray.stream.plan import InputPlan
 SHARDS_PER_TASK = 8
 
 
-def instance_stream(plan: InputPlan, window: int, skip: np.ndarray | None = None):
+def instance_stream(plan: InputPlan, skip: np.ndarray | None = None):
     """The lazy dataset of `plan`'s training instances minus `skip` (None, or a bool per instance id: plan.total)."""
     import ray.data
 
     n = plan.n_shards
-    ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / SHARDS_PER_TASK)))
-    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="numpy",
-                        fn_kwargs={"plan": plan, "skip": skip})
-    return ds.repartition(target_num_rows_per_block=window, strict=True)
+    ds = ray.data.range(n, override_num_blocks=read_tasks(plan))
+    return ds.map_batches(_read_shards, batch_size=None, batch_format="numpy", fn_kwargs={"plan": plan, "skip": skip})
+
+
+def read_tasks(plan: InputPlan) -> int:
+    return max(1, math.ceil(plan.n_shards / SHARDS_PER_TASK))
 
 
 def _read_shards(batch: dict, plan: InputPlan, skip: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """The Ray Data activation stream: instance stream → actor pool holding the model → activation rows (→ Ray Train).
 
     InputPlan (plan.py: file names, counts, digests, selection — no records on the driver)
-      → instance_stream (instances.py: range of shard numbers → read in Ray tasks → windows of `window` rows)
+      → instance_stream (instances.py: range of shard numbers → read, converted and filtered in Ray tasks)
       → map_batches(Harvester, batch_size=window, compute=ActorPoolStrategy(size=harvest_actors),
                     num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)      # chat template, bucketing, forward
       → rows {activation, token_id, instance_id, position, is_special, layer, is_sink}
@@ -113,7 +113,7 @@ def activation_dataset(config, model_path: str, instances, *, skip=None, threads
                                 fn_kwargs={"want": needed & ~skip_mask})
             return ds, "cache"
     if streamed:
-        source = instance_stream(instances, data.window, skip_mask if skip_mask.any() else None)
+        source = instance_stream(instances, skip_mask if skip_mask.any() else None)
     else:
         source = instance_dataset([i for i in instances if not skip_mask[i["instance_id"]]], data.window)
     ds = source.map_batches(

@@ -166,7 +166,7 @@ def padding_report(config: SaeTrainConfig, plan, model_path: str, run_dir: Path)
         if saved.get("data") == plan.digest:
             return saved["padding"]
     init_ray(config)
-    padding = stream_padding(instance_stream(plan, config.data.window), model_path, config)
+    padding = stream_padding(instance_stream(plan), model_path, config)
     atomic_write_text(path, json.dumps({"data": plan.digest, "padding": padding}))
     return padding
 
