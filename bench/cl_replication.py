@@ -37,6 +37,7 @@ from bench import make_base  # noqa: E402
 from bench.common import (cli_path, exit_2_on_error, read_bench_config, read_yaml_file,  # noqa: E402
                           resolve_repo_path, run_suite, write_suite)
 from bench.real_suite import run_real_suite  # noqa: E402
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "cl4.yaml"
 
@@ -52,7 +53,7 @@ NOTES = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["bench", "smollm2"], default="bench",
                     help="bench: make_base.py's toy base (budgets smoke/small/full); smollm2: the real model")
     ap.add_argument("--budget", default=None, help="a budget of --config: smoke / small / full for --model bench "

@@ -12,7 +12,6 @@ resumable; output bench/results/trace_<budget>.{json,md} and trace_<budget>_opap
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench import make_base  # noqa: E402
 from bench.common import (cli_path, exit_2_on_error, read_bench_config,  # noqa: E402
                           resolve_repo_path, run_suite, write_suite)
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "trace.yaml"
 
@@ -43,7 +43,7 @@ def write(suite: dict, base_s: float, began: float) -> list:
 
 @exit_2_on_error
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="small", help="smoke, small or full")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="the bench config (budgets, methods, preset)")
     ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")

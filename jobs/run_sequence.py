@@ -16,12 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout or a Ray working dir
 
 from saefd_ray.config import load_config  # noqa: E402
-from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="run config YAML (default: configs/demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.epochs=2 (repeatable)")

@@ -23,14 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from saefd_ray.errors import ConfigError, exit_on_user_error  # noqa: E402
+from saefd_ray.errors import ArgumentParser, ConfigError, exit_on_user_error  # noqa: E402
 from saefd_ray.stream.config import load_sae_config  # noqa: E402
 
 DEFAULT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three colours."]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the SAE run's config (jobs/train_sae.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--sae", help="SAE folder (SAELens layout); default: the run's latest checkpoint")

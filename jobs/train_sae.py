@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 from saefd_ray.stream.config import load_sae_config  # noqa: E402
 
@@ -27,7 +27,7 @@ DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_offline.yaml
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT), help="SAE config YAML (default: configs/sae_offline.yaml, offline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.tokens=200000 (repeatable)")

@@ -6,6 +6,7 @@ user sees what to fix instead of a stack dump. Internal bugs still raise normall
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -30,6 +31,14 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A run directory or saved artifact cannot be used."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the house's error format: an unknown flag or a bad choice is one `error: ...` line on stderr
+    and exit 2 (argparse's own prints the usage block and `prog: error:` first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -221,6 +221,8 @@ def test_failed_start_does_not_block_the_corrected_command(workspace):
 @pytest.mark.parametrize("args, expected", [
     (["--set", "training.epochs=zero"], "training.epochs: Input should be a valid integer"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml: config file not found"),
+    (["--epochs", "2"], "unrecognized arguments: --epochs 2 (see --help)"),  # argparse's error, in our one line
+    (["--config"], "argument --config: expected one argument"),
 ])
 def test_cli_prints_one_line_and_exits_2(args, expected):
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "run_sequence.py"), *args],
