@@ -107,3 +107,26 @@ def test_job_trains_checkpoints_resumes_and_reports(ray_cluster, tmp_path, tiny_
     assert [s for s, _ in scalars["sae/tokens_per_s"]] == list(range(1, 13))
     assert (run_dir / "sae_curves.png").read_bytes().startswith(b"\x89PNG")
     assert "![SAE training: loss, FVU, L0, dead %](sae_curves.png)" in (run_dir / "sae_report.md").read_text()
+
+
+@pytest.mark.timeout(900)
+def test_job_on_its_own_local_ray_reads_its_instances(tmp_path, tiny_model_path):
+    """`python jobs/train_sae.py` with no cluster starts a local Ray sized to the job. Sized to trainer + harvest
+    actors alone, the instance stream's read tasks (stream/instances.py) found no free CPU and the harvest waited for
+    its first window forever. The actor here takes every core of the machine, so that sizing would hang on any box."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    overrides = [f"model.name_or_path={tiny_model_path}", f"output.root={tmp_path / 'runs'}", "output.run_name=own",
+                 f"data.cpus_per_actor={os.cpu_count() or 1}", "data.eval_instances=8", "data.window=8",
+                 "training.tokens=1024", "training.batch_size=128", "training.buffer_tokens=512",
+                 "training.checkpoint_every_tokens=512", "sae.expansion=2"]
+    proc = subprocess.run([sys.executable, str(repo / "jobs" / "train_sae.py"), *sum([["--set", o] for o in overrides], [])],
+                          capture_output=True, text=True, cwd=repo, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "own" / "sae_report.json").read_text())
+    assert report["training"]["tokens"] == 1024

@@ -87,13 +87,15 @@ def init_ray(config: SaeTrainConfig) -> None:
         return
     address = config.distributed.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":  # a cluster or a submitted job: join it as run_sequence does
-        # ("local" asks for a fresh local Ray: started below with the CPUs trainer + harvest actors need)
+        # ("local" asks for a fresh local Ray: started below with the CPUs trainer + harvest actors + reader need)
         from saefd_ray.train.sequence import init_ray as join_cluster
 
         join_cluster(address)
         return
     d, data = config.distributed, config.data
-    need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor
+    # + 1: the instance stream's read tasks (stream/instances.py) take a CPU each; sized to trainer + actors alone,
+    # Ray never schedules them once both hold their CPUs, and the harvest waits forever for its first window
+    need = d.num_workers * d.cpus_per_worker + data.harvest_actors * data.cpus_per_actor + 1
     from saefd_ray.observe.console import ray_init_options
     from saefd_ray.train.sequence import pin_state_api
 
