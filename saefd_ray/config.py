@@ -166,7 +166,9 @@ class DistributedConfig(Strict):
                                              "stage3_param_persistence_threshold, its default); larger ones are "
                                              "partitioned across workers")
     max_failures: int = Field(1, ge=0)
-    ray_address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
+    ray_address: str | None = Field(None, description=(
+        "None: RAY_ADDRESS if set, else Ray's own rule (the machine's `ray start` cluster if one runs, else a new "
+        "local Ray); 'local': always a new local Ray"))
 
     @field_validator("num_workers")
     @classmethod
@@ -454,6 +456,10 @@ def _check_paths(config: RunConfig, source: str) -> None:
         if src.path and not Path(src.path).expanduser().is_dir():
             key = f"method.sae.{index}" if isinstance(sae, list) else "method.sae"
             raise ConfigError(f"{source}: {key}.path: {Path(src.path).expanduser()} not found")
+        if src.path:  # absolute: Ray Train workers run in their own directory, where a relative path means nothing
+            src.path = str(Path(src.path).expanduser().resolve())
     name = config.model.name_or_path
     if name != "tiny" and (name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()):
         raise ConfigError(f"{source}: model.name_or_path: {name} not found")
+    if name.startswith((".", "~")):  # the same for a model folder given relative to here
+        config.model.name_or_path = str(Path(name).expanduser().resolve())

@@ -103,3 +103,15 @@ def test_run_dir_and_data_path(tmp_path):
         {"name": "a", "format": "synthetic", "generator": "rule_a"}]}, "output": {"root": str(tmp_path), "run_name": "r"}})
     assert config.run_dir == tmp_path.resolve() / "r"
     assert config.data_path("x/y") == (tmp_path / "x" / "y").resolve()
+
+
+def test_relative_sae_and_model_paths_become_absolute_on_the_driver(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directory: a path relative to where the job was started must be made
+    absolute before they start (a relative `method.sae.path` was refused by every worker as not found)."""
+    (tmp_path / "runs" / "sae").mkdir(parents=True)
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write(tmp_path, MINIMAL + "model: {name_or_path: ./model}\n"),
+                         ["method.name=sae_fd", "method.sae.path=runs/sae"])
+    assert config.method.sae.path == str(tmp_path / "runs" / "sae")
+    assert config.model.name_or_path == str(tmp_path / "model")
