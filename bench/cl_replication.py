@@ -91,11 +91,15 @@ def main(argv=None) -> dict:
     unknown = [m for m in methods or [] if m not in bench_cfg["methods"]]
     if unknown:
         raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; one of {', '.join(bench_cfg['methods'])}")
-    known_orders = [str(o) for o in read_yaml_file(resolve_repo_path(bench_cfg["preset"]))["tasks"].get("orders", {})]
+    preset = read_yaml_file(resolve_repo_path(bench_cfg["preset"]))
+    known_orders = [str(o) for o in preset["tasks"].get("orders", {})]
     bad = [o for o in orders or [] if o not in known_orders]
     if bad:
         raise SystemExit(f"error: --orders: unknown {', '.join(bad)}; one of {', '.join(known_orders)}")
     data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
+    missing = [t["path"] for t in preset["tasks"]["sequence"] if t.get("path") and not (data_root / t["path"]).is_dir()]
+    if missing and not args.report_only:  # before the base model is built or Ray starts
+        raise SystemExit(f"error: --data-root {data_root}: no {missing[0]} (the benchmark's task folders)")
     if args.model == "smollm2":
         return run_real_suite(bench_cfg, args.budget, data_root, args.sae_run, methods=methods, orders=orders,
                               report_only=args.report_only)

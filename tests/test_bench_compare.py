@@ -214,6 +214,9 @@ def test_sae_sweep_finds_its_runs_under_set_output(tmp_path):
     ("overhead.py", ["--config", "missing.yaml"], "error: missing.yaml"),
     ("overhead.py", ["--sae", "nowhere"], "error: --sae nowhere: expected an SAE folder"),
     ("trace_replication.py", ["--methods", "seq_lora,bogus"], "error: --methods: unknown bogus"),
+    ("cl_replication.py", ["--data-root", "nowhere"], "error: --data-root"),  # not after building the base model
+    ("cl_replication.py", ["--model", "smollm2", "--data-root", "nowhere"], "error: --data-root"),  # nor Ray
+    ("cl_replication.py", ["--bogus"], "error: unrecognized arguments: --bogus"),
 ])
 def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, expected):
     done = _bench_cli(script, *args, cwd=tmp_path)
