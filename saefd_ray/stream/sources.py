@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from saefd_ray.errors import DataError
+from saefd_ray.io import sha256_file
 
 SHARD_RECORDS = 256  # records per shard of a JSON / JSONL / task source; the unit the stream is shuffled in
 _CHUNK = 1 << 18
@@ -204,14 +205,6 @@ def _jsonl_record(path: Path, line: bytes, index: int):
         raise DataError(f"{path}: record {index}: invalid JSON ({getattr(err, 'msg', err)})") from None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parquet(path: Path):
     import pyarrow.parquet as pq
 
@@ -237,7 +230,7 @@ def scan_source(config, index: int, source) -> SourcePlan:
             pf = _parquet(path)
             rows = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
             groups = [g for g, n in enumerate(rows) if n]
-            count, digest = int(sum(rows)), _file_digest(path)
+            count, digest = int(sum(rows)), sha256_file(path)
             starts = np.cumsum([0] + rows)[:-1]
             shard_first, shard_loc = starts[groups], np.asarray(groups)
             first = next(pf.iter_batches(batch_size=1)).to_pylist()[0] if count else None
