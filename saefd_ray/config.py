@@ -8,7 +8,7 @@ one-line `ConfigError` naming the key (or file) and what was expected. Nothing d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,7 +35,7 @@ class TinyModelConfig(Strict):
     max_position_embeddings: int = Field(1024, ge=64)
     embedding_std: float = Field(0.1, gt=0, description="init std of the (tied) embeddings; larger than HF's "
                                  "0.02 so that a random unembedding gives logits LoRA can move")
-    pretrain_epochs: int = Field(4, ge=0, description="seconds of full pre-training on held-out synthetic rules")
+    pretrain_epochs: int = Field(4, ge=0, description="epochs of full pre-training on held-out synthetic rules")
     seed: int = 0
 
 
@@ -414,8 +414,24 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def validate(raw: dict, source: str = "config", schema: type[BaseModel] | None = None):
-    """Validate `raw` against `schema` (default: RunConfig); the first problem becomes a one-line ConfigError."""
+def origin(path: str | Path, overrides: list[str]) -> Callable[[str], str]:
+    """`where(loc)`: the error prefix for config key `loc` ("training.lr") naming who set it — `--set training.lr`
+    for the last override of it (`--set method: method.sae.path` for one of a mapping above it), else
+    `<config file>: training.lr` — so an error names what the user has to change."""
+    keys = [".".join(parse_override(text)[0]) for text in overrides]
+
+    def where(loc: str) -> str:
+        for key in reversed(keys):
+            if loc and (loc == key or loc.startswith(key + ".")):
+                return f"--set {key}" + (f": {loc}" if loc != key else "")
+        return f"{path}: {loc}" if loc else str(path)
+
+    return where
+
+
+def validate(raw: dict, source: str | Callable[[str], str] = "config", schema: type[BaseModel] | None = None):
+    """Validate `raw` against `schema` (default: RunConfig); the first problem becomes a one-line ConfigError named
+    after `source` (a label, or `origin(...)`: the file or the --set that gave the bad key)."""
     try:
         return (schema or RunConfig).model_validate(raw)
     except ValidationError as err:
@@ -428,7 +444,8 @@ def validate(raw: dict, source: str = "config", schema: type[BaseModel] | None =
             message = "missing required key"
         elif "input" in first and first["type"] not in ("value_error",):
             message = f"{message} (got {first['input']!r})"
-        raise ConfigError(f"{source}: {loc + ': ' if loc else ''}{message}") from None  # no loc: a cross-key check
+        prefix = source(loc) if callable(source) else f"{source}: {loc}" if loc else source  # no loc: cross-key
+        raise ConfigError(f"{prefix}: {message}") from None
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -439,27 +456,29 @@ def _is_union_tag(part: Any) -> bool:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path) if path else DEFAULT_CONFIG
     raw = apply_overrides(read_yaml(path), overrides or [])
-    config = validate(raw, source=str(path))
-    _check_paths(config, str(path))
+    where = origin(path, overrides or [])
+    config = validate(raw, source=where)
+    _check_paths(config, where)
     return config
 
 
-def _check_paths(config: RunConfig, source: str) -> None:
+def _check_paths(config: RunConfig, where: Callable[[str], str]) -> None:
     """Missing data files are config errors: reject them before any Ray worker starts."""
     for index, task in enumerate(config.tasks.sequence):
         for field in ("path", "train_file", "test_file", "validation_file"):
             value = getattr(task, field)
+            key = f"tasks.sequence.{index}.{field}"
             if value and not config.data_path(value).exists():
-                raise ConfigError(f"{source}: tasks.sequence.{index}.{field}: {config.data_path(value)} not found")
+                raise ConfigError(f"{where(key)}: {config.data_path(value)} not found")
     sae = getattr(config.method, "sae", None)  # sae_fd, sae_reg: a missing SAE folder, before any import or worker
     for index, src in enumerate(sae if isinstance(sae, list) else [sae] if sae is not None else []):
         if src.path and not Path(src.path).expanduser().is_dir():
-            key = f"method.sae.{index}" if isinstance(sae, list) else "method.sae"
-            raise ConfigError(f"{source}: {key}.path: {Path(src.path).expanduser()} not found")
+            key = f"method.sae.{index}.path" if isinstance(sae, list) else "method.sae.path"
+            raise ConfigError(f"{where(key)}: {Path(src.path).expanduser()} not found")
         if src.path:  # absolute: Ray Train workers run in their own directory, where a relative path means nothing
             src.path = str(Path(src.path).expanduser().resolve())
     name = config.model.name_or_path
     if name != "tiny" and (name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()):
-        raise ConfigError(f"{source}: model.name_or_path: {name} not found")
+        raise ConfigError(f"{where('model.name_or_path')}: {name} not found")
     if name.startswith((".", "~")):  # the same for a model folder given relative to here
         config.model.name_or_path = str(Path(name).expanduser().resolve())

@@ -66,6 +66,37 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, overrides, expect
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        (MINIMAL + "training: {lr: abc}\n", [], "run.yaml: training.lr: Input should be a valid number"),
+        (MINIMAL, ["training.lr=abc"], "--set training.lr: Input should be a valid number"),
+        (MINIMAL + "training: {lr: abc}\n", ["training.epochs=2"], "run.yaml: training.lr: Input should be"),
+        (MINIMAL, ["training.epochs=2", "training={lr: abc}"], "--set training: training.lr: Input should be"),
+        (MINIMAL, ["method={name: sae_fd, sae: {path: /no/sae}}"], "--set method: method.sae.path: /no/sae not found"),
+        (MINIMAL, ["tasks.sequence.0.path=/no/x", "tasks.sequence.0.format=trace"],
+         "--set tasks.sequence.0.path: /no/x not found"),
+    ],
+)
+def test_bad_config_names_the_file_or_the_set_that_gave_the_key(tmp_path, text, overrides, expected):
+    """A bad value from `--set` is blamed on that --set, not on the config file the user never edited."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), overrides)
+    message = str(info.value).replace(f"{tmp_path}/", "")
+    assert message.startswith(expected), message
+
+
+def test_bad_sae_config_names_the_set(tmp_path):
+    from saefd_ray.stream.config import load_sae_config
+
+    path = tmp_path / "sae.yaml"
+    path.write_text("layers: [0]\ndata: {sources: [{kind: file, path: /no/x.json}]}\n")
+    with pytest.raises(ConfigError, match=r"^.*sae\.yaml: data\.sources\.0\.path: /no/x\.json not found$"):
+        load_sae_config(path)
+    with pytest.raises(ConfigError, match=r"^--set sae\.expansion: Input should be greater than or equal to 1"):
+        load_sae_config(path, ["sae.expansion=0"])
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "tasks:\n  sequence: [\n")
     with pytest.raises(ConfigError, match=r"run.yaml: line \d+ malformed YAML"):

@@ -9,11 +9,12 @@ sequence harvests here with the same spelling.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from saefd_ray.config import ModelConfig, Strict, TaskConfig, apply_overrides, plain_run_name, read_yaml, validate
+from saefd_ray.config import (ModelConfig, Strict, TaskConfig, apply_overrides, origin, plain_run_name, read_yaml,
+                             validate)
 from saefd_ray.errors import ConfigError
 
 SAE_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
@@ -175,22 +176,22 @@ def validate_sae(raw: dict, source: str = "config") -> SaeTrainConfig:
 def load_sae_config(path: str | Path, overrides: list[str] | None = None) -> SaeTrainConfig:
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
-    config = validate_sae(raw, source=str(path))
-    _check_paths(config, str(path))
+    where = origin(path, overrides or [])
+    config = validate(raw, where, SaeTrainConfig)
+    _check_paths(config, where)
     return config
 
 
-def _check_paths(config: SaeTrainConfig, source: str) -> None:
+def _check_paths(config: SaeTrainConfig, where: Callable[[str], str]) -> None:
     for index, src in enumerate(config.data.sources):
-        where = f"{source}: data.sources.{index}"
         if src.kind == "file":
-            path = config.data_path(src.path)
+            path, key = config.data_path(src.path), f"data.sources.{index}.path"
             if not path.is_file():
-                raise ConfigError(f"{where}.path: {path} not found")
+                raise ConfigError(f"{where(key)}: {path} not found")
             if path.suffix not in (".json", ".jsonl", ".parquet"):
-                raise ConfigError(f"{where}.path: {path.name}: expected .json, .jsonl or .parquet")
+                raise ConfigError(f"{where(key)}: {path.name}: expected .json, .jsonl or .parquet")
         elif src.kind == "task":
             for field in ("path", "train_file"):
-                value = getattr(src.task, field)
+                value, key = getattr(src.task, field), f"data.sources.{index}.task.{field}"
                 if value and not config.data_path(value).exists():
-                    raise ConfigError(f"{where}.task.{field}: {config.data_path(value)} not found")
+                    raise ConfigError(f"{where(key)}: {config.data_path(value)} not found")

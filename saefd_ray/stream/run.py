@@ -117,10 +117,10 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     """One Ray Train run of the sharded SAE trainer over the activation-row `dataset`.
 
     `deterministic`: the dataset is not split; every worker reads it whole, in order, and keeps every world-th
-    chunk of `chunk_rows` rows (reproducible shards for tests and cache replays, at the cost of reading it `world`
-    times). Otherwise Ray Train's streaming_split gives each worker a disjoint, dynamically balanced share.
+    chunk of `chunk_rows` rows (shards a test can rebuild, at the cost of reading it `world` times). Otherwise Ray
+    Train's streaming_split gives each worker a disjoint share (the stream in input order, each block to the worker
+    with the fewest rows so far), so a run is reproducible either way.
     """
-    from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,8 +128,11 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     from saefd_ray.train.failures import fit_with_retries
 
     d = config.distributed
-    data_config = (DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-                   if deterministic else DataConfig(datasets_to_split="all"))
+    # preserve_order: blocks leave each operator in input order, not in the order parallel read tasks and harvest
+    # actors happen to finish, and streaming_split deals them out by a fixed rule — the same seed trains the same SAE
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    data_config = DataConfig(datasets_to_split=[] if deterministic else "all", execution_options=ordered)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "d_in": d_in, "n_instances": n_instances,
