@@ -2,7 +2,7 @@
 
 Quiet (the default) means: Ray starts with `log_to_driver=False` (workers' and actors' stdout stays in the Ray
 session's log files, /tmp/ray/session_latest/logs) and `logging_level=ERROR`; Ray Train / Tune / Data,
-DeepSpeed and transformers log at WARNING or above; Ray Data draws no progress bars. Errors still reach the user:
+DeepSpeed and transformers log at WARNING or above; Ray Data and transformers draw no progress bars. Errors still reach the user:
 a failed worker's exception is re-raised by `trainer.fit()` on the driver. `--verbose` leaves every library at its
 own defaults and forwards all worker output, as before.
 
@@ -48,17 +48,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars follow it
+    from ray.data import DataContext  # first: importing ray.data sets up its loggers (console at INFO)
+
+    DataContext.get_current().enable_progress_bars = False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for module in ("deepspeed", "torch", "transformers", "peft", "ray"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-    try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    except ImportError:  # pragma: no cover - ray[data] is a dependency
-        pass
 
 
 def ray_init_options() -> dict[str, Any]:

@@ -121,6 +121,7 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     Train's streaming_split gives each worker a disjoint share (the stream in input order, each block to the worker
     with the fewest rows so far), so a run is reproducible either way.
     """
+    from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -130,8 +131,7 @@ def fit(config: SaeTrainConfig, dataset, *, d_in: int, n_instances: int, run_dir
     d = config.distributed
     # preserve_order: blocks leave each operator in input order, not in the order parallel read tasks and harvest
     # actors happen to finish, and streaming_split deals them out by a fixed rule — the same seed trains the same SAE
-    ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
+    ordered = ExecutionOptions(preserve_order=True)  # not default_ingest_options(): it sets a deprecated field
     data_config = DataConfig(datasets_to_split=[] if deterministic else "all", execution_options=ordered)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -243,7 +243,8 @@ def train_sae(config: SaeTrainConfig) -> dict:
     }
     write_report(run_dir, report)
     for layer, m in evaluation["layers"].items():
+        special = "n/a" if m["log2_mse_special"] is None else f"{m['log2_mse_special']:.2f}"
         print(f"[sae] layer {layer}: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {100 * (m['dead_fraction_train'] or 0):.1f}%"
-              f"  log2 MSE special {m['log2_mse_special']}  CE recovered {m['ce_loss_recovered']:.3f}", flush=True)
+              f"  log2 MSE special {special}  CE recovered {m['ce_loss_recovered']:.3f}", flush=True)
     print(f"[sae] report: {run_dir / 'sae_report.md'}   curves: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     return report
