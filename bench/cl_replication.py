@@ -65,8 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="the bench config (budgets, methods, preset)")
     ap.add_argument("--methods", default=None, help="comma list (default: the budget's)")
     ap.add_argument("--orders", default=None, help="comma list of order names (default: the budget's)")
-    ap.add_argument("--data-root", default=None, help="default: the bench config's data_root (../shared/data from "
-                    "the repository); command-line paths are relative to the working directory")
+    ap.add_argument("--data-root", default=None, help="the benchmark's tasks (cl_benchmark/...); default: the bench "
+                    "config's data_root (../shared/data from the repository); command-line paths are relative to the "
+                    "working directory. The bench base model and its SAE (--model bench) read configs/bench/base.yaml's "
+                    "data_root; the SmolLM2 SAE reads this one")
     return ap.parse_args(argv)
 
 
