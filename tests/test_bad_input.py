@@ -114,6 +114,9 @@ CASES = [
      "options 'World' and 'Sports' become the same 1 tokens"),
     ("run name leaving output.root", {}, ["output.run_name=../../etc"],
      "output.run_name: run_name must be a plain folder name (no '/', not '.' or '..'), got '../../etc'"),
+    ("model folder that is no model", {}, ["model.name_or_path=/"], "model.name_or_path: /: no config.json"),
+    ("sae_fd without an SAE, before the model is read", {}, ["method.name=sae_fd", "model.name_or_path=/"],
+     "method.sae.path: not set"),  # "/" is no model: a check after the model's would fail there first
     ("all references empty",
      {"T/test.json": json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": " "}])},
      [TRACE_TASK], "test.json: every record's 'answer' is empty"),

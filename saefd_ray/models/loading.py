@@ -36,6 +36,10 @@ def resolve_model_path(model: ModelConfig, tokenizer_texts: list[str] | None = N
 
         return str(convert_gguf(name, gguf_folder(name, model.cache_dir)))
     if name != "tiny":
+        folder = Path(name).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {folder}: no config.json (expected a Hugging Face model folder, "
+                              "a .gguf file, a hub id, 'tiny' or a named model)")
         return name
     from saefd_ray.data.synthetic import corpus_text
     from saefd_ray.models.tiny import build_tiny_model
@@ -49,7 +53,7 @@ def load_tokenizer(path: str, require_chat_template: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder with a config but no usable tokenizer files
         raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(err).splitlines()[0]})")
     if require_chat_template and not tokenizer.chat_template:
         raise ConfigError(f"model.name_or_path: tokenizer of {path!r} has no chat template, but one is required")

@@ -240,11 +240,12 @@ def run_sequence(config: RunConfig, on_task_end: Callable[[int, list[list[float]
     select_accelerator(config.distributed.use_gpu)  # transformers imports DeepSpeed: tell it, not let it guess
     tasks = load_tasks(config)  # every input is checked before anything is written or any worker starts
     method = build_method(config)
+    sae_folders = method.sae_folders()  # an SAE path unset or wrong fails here, before a model is fetched (minutes)
     model_path = resolve_model_path(config.model, tokenizer_corpus(tasks))
     tokenizer = load_tokenizer(model_path, config.model.require_chat_template)
     method.validate(model_path)  # e.g. an SAE that does not fit the model fails here, before any training
     check_run(config, tasks, model_path, tokenizer, method.joint_training)  # what every worker would build
-    inputs = input_digests(tasks, model_path, method.sae_folders())
+    inputs = input_digests(tasks, model_path, sae_folders)
     run_dir = prepare_run_dir(config, inputs)
     init_ray(config.distributed.ray_address)
 
