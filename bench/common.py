@@ -65,6 +65,8 @@ def read_yaml_file(path: str | Path) -> dict:
         raise SystemExit(f"error: {path}: not found") from None
     except OSError as err:
         raise SystemExit(f"error: {path}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {path}: expected a UTF-8 text file (YAML)") from None
     except yaml.YAMLError as err:
         raise SystemExit(f"error: {path}: expected YAML ({str(err).splitlines()[0]})") from None
     if data is None:
@@ -80,6 +82,9 @@ def read_bench_config(path: str) -> dict:
     missing = [key for key in ("budgets", "methods", "preset", "data_root") if key not in cfg]
     if missing:
         raise SystemExit(f"error: {path}: expected a bench config (configs/bench/*.yaml) with {', '.join(missing)}")
+    for key in ("budgets", "methods"):
+        if not isinstance(cfg[key], dict) or not all(isinstance(v, dict) for v in cfg[key].values()):
+            raise SystemExit(f"error: {path}: {key}: expected a mapping of names to mappings")
     return cfg
 
 

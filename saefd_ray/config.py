@@ -385,6 +385,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if isinstance(node, list) and key.isdigit() and int(key) < len(node):
                 node = node[int(key)]
                 continue
+            if isinstance(node, list) and key.isdigit():
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth])} has {len(node)} items; no index {key}")
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth])} is not a mapping")
             node = node.setdefault(key, {})
@@ -399,10 +401,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder; expected a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: expected a UTF-8 text file (YAML)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -424,6 +430,9 @@ def origin(path: str | Path, overrides: list[str]) -> Callable[[str], str]:
         for key in reversed(keys):
             if loc and (loc == key or loc.startswith(key + ".")):
                 return f"--set {key}" + (f": {loc}" if loc != key else "")
+        for key in reversed(keys):  # the error sits on a mapping the --set wrote into ("method" for method.name=x)
+            if loc and key.startswith(loc + "."):
+                return f"--set {key}: {loc}"
         return f"{path}: {loc}" if loc else str(path)
 
     return where
@@ -478,7 +487,9 @@ def _check_paths(config: RunConfig, where: Callable[[str], str]) -> None:
         if src.path:  # absolute: Ray Train workers run in their own directory, where a relative path means nothing
             src.path = str(Path(src.path).expanduser().resolve())
     name = config.model.name_or_path
-    if name != "tiny" and (name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()):
+    looks_local = name.startswith((".", "/", "~")) or (  # "runs/my_model" with a runs/ here: a typo'd folder,
+        "/" in name and Path(name.split("/")[0]).is_dir())  # not a hub id to ask the network about for a minute
+    if name != "tiny" and looks_local and not Path(name).expanduser().exists():
         raise ConfigError(f"{where('model.name_or_path')}: {name} not found")
-    if name.startswith((".", "~")):  # the same for a model folder given relative to here
+    if looks_local and not name.startswith("/"):  # the same for a model folder given relative to here
         config.model.name_or_path = str(Path(name).expanduser().resolve())

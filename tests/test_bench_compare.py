@@ -140,10 +140,14 @@ def _bench_cli(script: str, *args: str, cwd: Path) -> "subprocess.CompletedProce
     ("budgets: [", "expected YAML (while parsing"),
     ("- a list\n", "expected a YAML mapping, got list"),
     ("budgets: {}\nmethods: {}\n", "expected a bench config (configs/bench/*.yaml) with preset, data_root"),
+    ("budgets: 3\nmethods: {}\npreset: p\ndata_root: d\n", "budgets: expected a mapping of names to mappings"),
+    (b"\xff\xfe budgets", "expected a UTF-8 text file (YAML)"),
 ])
 def test_a_bad_bench_config_is_one_error_line(tmp_path, content, expected):
     path = tmp_path / "bench.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     # relative to the working directory, as any command-line path
     done = _bench_cli("cl_replication.py", "--config", "bench.yaml", cwd=tmp_path)

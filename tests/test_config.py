@@ -76,6 +76,9 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, overrides, expect
         (MINIMAL, ["method={name: sae_fd, sae: {path: /no/sae}}"], "--set method: method.sae.path: /no/sae not found"),
         (MINIMAL, ["tasks.sequence.0.path=/no/x", "tasks.sequence.0.format=trace"],
          "--set tasks.sequence.0.path: /no/x not found"),
+        (MINIMAL, ["method.name=nonsense"], "--set method.name: method: Input tag 'nonsense'"),  # error one level up
+        (MINIMAL, ["training.nosuchkey.sub=1"], "--set training.nosuchkey.sub: training.nosuchkey: unknown key"),
+        (MINIMAL, ["tasks.sequence.9.name=x"], "--set 'tasks.sequence.9.name=x': tasks.sequence has 1 items; no index 9"),
     ],
 )
 def test_bad_config_names_the_file_or_the_set_that_gave_the_key(tmp_path, text, overrides, expected):
@@ -84,6 +87,26 @@ def test_bad_config_names_the_file_or_the_set_that_gave_the_key(tmp_path, text, 
         load_config(write(tmp_path, text), overrides)
     message = str(info.value).replace(f"{tmp_path}/", "")
     assert message.startswith(expected), message
+
+
+def test_relative_model_folder_that_is_missing_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`runs/my_model` where ./runs exists is a mistyped folder: refused at once, not asked of the hub for a minute;
+    one that exists is made absolute (Ray Train workers run in their own directory)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^--set model\.name_or_path: runs/my_model not found$"):
+        load_config(write(tmp_path, MINIMAL), ["model.name_or_path=runs/my_model"])
+    config = load_config(write(tmp_path, MINIMAL), ["model.name_or_path=runs/mine"])
+    assert config.model.name_or_path == str(tmp_path / "runs" / "mine")
+    assert load_config(write(tmp_path, MINIMAL), ["model.name_or_path=org/model"]).model.name_or_path == "org/model"
+
+
+def test_config_path_that_is_a_folder_or_not_text(tmp_path):
+    with pytest.raises(ConfigError, match="a folder; expected a config file"):
+        load_config(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="bin.yaml: expected a UTF-8 text file"):
+        load_config(tmp_path / "bin.yaml")
 
 
 def test_bad_sae_config_names_the_set(tmp_path):
