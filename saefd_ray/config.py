@@ -420,19 +420,21 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def origin(path: str | Path, overrides: list[str]) -> Callable[[str], str]:
+def origin(path: str | Path, overrides: list[str], flags: list[str] | None = None) -> Callable[[str], str]:
     """`where(loc)`: the error prefix for config key `loc` ("training.lr") naming who set it — `--set training.lr`
     for the last override of it (`--set method: method.sae.path` for one of a mapping above it), else
-    `<config file>: training.lr` — so an error names what the user has to change."""
+    `<config file>: training.lr` — so an error names what the user has to change. `flags[i]` names where override
+    i came from when it is not `--set` (`--tune-set`, a sweep file's `base.set`)."""
     keys = [".".join(parse_override(text)[0]) for text in overrides]
+    named = list(zip(flags or ["--set"] * len(keys), keys))
 
     def where(loc: str) -> str:
-        for key in reversed(keys):
+        for flag, key in reversed(named):
             if loc and (loc == key or loc.startswith(key + ".")):
-                return f"--set {key}" + (f": {loc}" if loc != key else "")
-        for key in reversed(keys):  # the error sits on a mapping the --set wrote into ("method" for method.name=x)
+                return f"{flag} {key}" + (f": {loc}" if loc != key else "")
+        for flag, key in reversed(named):  # the error sits on a mapping the override wrote into (method.name=x)
             if loc and key.startswith(loc + "."):
-                return f"--set {key}: {loc}"
+                return f"{flag} {key}: {loc}"
         return f"{path}: {loc}" if loc else str(path)
 
     return where
@@ -462,10 +464,13 @@ def _is_union_tag(part: Any) -> bool:
     return part in {"seq_lora", "per_task", "mtl", "ewc", "l2", "lwf", "o_lora", "replay", "sae_fd", "sae_reg"}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: list[str] | None = None) -> RunConfig:
+    """The run config: `path` (default configs/demo.yaml) with `overrides` (`key=value`, from `flags`, default
+    --set) applied, validated once; every problem is one ConfigError naming the file or the override."""
     path = Path(path) if path else DEFAULT_CONFIG
     raw = apply_overrides(read_yaml(path), overrides or [])
-    where = origin(path, overrides or [])
+    where = origin(path, overrides or [], flags)
     config = validate(raw, source=where)
     _check_paths(config, where)
     return config

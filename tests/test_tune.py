@@ -78,6 +78,17 @@ def test_sweep_file_errors(tmp_path):
                                         "space": {"method.rho": {"grid": [0.2, 1.5]}}})
     with pytest.raises(ConfigError, match=r"method.rho=1.5.*rho must be in \(0, 1\)"):
         base_raw_config(sweep)
+    # every error names where the bad value came from: --tune-set, the sweep's base.set, the --set, the space entry
+    with pytest.raises(ConfigError, match=r"^--tune-set search\.num_samples: Input should be a valid integer"):
+        load_sweep(write_yaml(tmp_path / "f.yaml", base), ["search.algorithm=random", "search.num_samples=abc"])
+    sweep = SweepConfig.model_validate({"base": {"set": ["training.nosuchkey=1"]}, "space": {"training.lr": {"grid": [1e-3]}}})
+    with pytest.raises(ConfigError, match=r"^the sweep's base\.set training\.nosuchkey: unknown key$"):
+        base_raw_config(sweep)
+    sweep = SweepConfig.model_validate({"space": {"training.lr": {"grid": [1e-3]}}})
+    with pytest.raises(ConfigError, match=r"^--set training\.epochs: Input should be a valid integer"):
+        base_raw_config(sweep, extra=["training.epochs=two"])
+    with pytest.raises(ConfigError, match=r"^space training\.lr=-1: training\.lr: Input should be greater than 0"):
+        base_raw_config(SweepConfig.model_validate({"space": {"training.lr": {"grid": [1e-3, -1]}}}))
     # randint bounds are inclusive in the sweep file (Tune's upper bound is exclusive)
     sweep = SweepConfig.model_validate({"space": {"method.anchor_size": {"randint": [4, 6]}},
                                         "search": {"algorithm": "random", "seed": 0}})

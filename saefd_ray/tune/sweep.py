@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from saefd_ray.config import Strict, apply_overrides, load_config, parse_override, read_yaml, validate
+from saefd_ray.config import Strict, apply_overrides, load_config, origin, parse_override, read_yaml, validate
 from saefd_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -160,13 +160,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         else:
             plain.append(text)
     raw = apply_overrides(raw, plain)
-    try:
-        return SweepConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(part) for part in first["loc"])
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: {loc}: {message}") from None
+    return validate(raw, origin(path, overrides or [], ["--tune-set"] * len(overrides or [])), SweepConfig)
 
 
 def resolve_base_config(sweep: SweepConfig, config_path: str | None = None) -> Path:
@@ -197,12 +191,13 @@ def base_raw_config(sweep: SweepConfig, config_path: str | None = None, extra: l
     """The base run config as a raw mapping (file + base.set + extra --set), checked with every swept value."""
     path = resolve_base_config(sweep, config_path)
     overrides = [*sweep.base.set, *(extra or [])]
-    load_config(path, overrides)  # the base itself must be valid (paths included)
+    flags = ["the sweep's base.set"] * len(sweep.base.set) + ["--set"] * len(extra or [])
+    load_config(path, overrides, flags)  # the base itself must be valid (paths included)
     raw = apply_overrides(read_yaml(path), overrides)
     for key, spec in sweep.space.items():
         for value in candidate_values(spec):
             validate(apply_overrides(copy.deepcopy(raw), param_overrides({key: value})),
-                     source=f"{path} with space {key}={value!r}")
+                     source=lambda loc, key=key, value=value: f"space {key}={value!r}: {loc}")
     return raw
 
 
