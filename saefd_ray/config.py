@@ -496,5 +496,8 @@ def _check_paths(config: RunConfig, where: Callable[[str], str]) -> None:
         "/" in name and Path(name.split("/")[0]).is_dir())  # not a hub id to ask the network about for a minute
     if name != "tiny" and looks_local and not Path(name).expanduser().exists():
         raise ConfigError(f"{where('model.name_or_path')}: {name} not found")
+    if looks_local and Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        raise ConfigError(f"{where('model.name_or_path')}: {name}: no config.json (expected a Hugging Face model "
+                          "folder, a .gguf file, a hub id, 'tiny' or a named model)")
     if looks_local and not name.startswith("/"):  # the same for a model folder given relative to here
         config.model.name_or_path = str(Path(name).expanduser().resolve())

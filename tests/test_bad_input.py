@@ -114,9 +114,7 @@ CASES = [
      "options 'World' and 'Sports' become the same 1 tokens"),
     ("run name leaving output.root", {}, ["output.run_name=../../etc"],
      "output.run_name: run_name must be a plain folder name (no '/', not '.' or '..'), got '../../etc'"),
-    ("model folder that is no model", {}, ["model.name_or_path=/"], "model.name_or_path: /: no config.json"),
-    ("sae_fd without an SAE, before the model is read", {}, ["method.name=sae_fd", "model.name_or_path=/"],
-     "method.sae.path: not set"),  # "/" is no model: a check after the model's would fail there first
+    ("model folder that is no model", {}, ["model.name_or_path=/"], "--set model.name_or_path: /: no config.json"),
     ("all references empty",
      {"T/test.json": json.dumps([{"prompt": "p", "answer": ""}, {"prompt": "q", "answer": " "}])},
      [TRACE_TASK], "test.json: every record's 'answer' is empty"),
@@ -134,6 +132,18 @@ def test_bad_input_is_refused_in_one_line(workspace, capsys, edits, overrides, e
     err = run_main(argv, capsys)
     assert expected in err, err
     assert not (root / "runs").exists()  # refused before anything was written
+
+
+def test_missing_sae_is_refused_before_the_model_is_read(workspace, tmp_path, capsys):
+    """An SAE method without an SAE fails before the model is fetched or read (minutes for a real model): this
+    "model" has a config.json, so the config accepts it, and no tokenizer, so reading it first would fail there."""
+    _, base = workspace
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argv = []
+    for item in base + ["method.name=sae_fd", f"model.name_or_path={tmp_path / 'model'}"]:
+        argv += ["--set", item]
+    assert "method.sae.path: not set" in run_main(argv, capsys)
 
 
 def test_malformed_yaml_file(tmp_path, capsys):

@@ -94,6 +94,10 @@ def test_relative_model_folder_that_is_missing_is_not_taken_for_a_hub_id(tmp_pat
     one that exists is made absolute (Ray Train workers run in their own directory)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^--set model\.name_or_path: runs/empty: no config\.json \(expected a"):
+        load_config(write(tmp_path, MINIMAL), ["model.name_or_path=runs/empty"])
     with pytest.raises(ConfigError, match=r"^--set model\.name_or_path: runs/my_model not found$"):
         load_config(write(tmp_path, MINIMAL), ["model.name_or_path=runs/my_model"])
     config = load_config(write(tmp_path, MINIMAL), ["model.name_or_path=runs/mine"])
@@ -164,6 +168,7 @@ def test_relative_sae_and_model_paths_become_absolute_on_the_driver(tmp_path, mo
     absolute before they start (a relative `method.sae.path` was refused by every worker as not found)."""
     (tmp_path / "runs" / "sae").mkdir(parents=True)
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     config = load_config(write(tmp_path, MINIMAL + "model: {name_or_path: ./model}\n"),
                          ["method.name=sae_fd", "method.sae.path=runs/sae"])

@@ -36,10 +36,6 @@ def resolve_model_path(model: ModelConfig, tokenizer_texts: list[str] | None = N
 
         return str(convert_gguf(name, gguf_folder(name, model.cache_dir)))
     if name != "tiny":
-        folder = Path(name).expanduser()
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {folder}: no config.json (expected a Hugging Face model folder, "
-                              "a .gguf file, a hub id, 'tiny' or a named model)")
         return name
     from saefd_ray.data.synthetic import corpus_text
     from saefd_ray.models.tiny import build_tiny_model
