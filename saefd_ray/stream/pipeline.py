@@ -84,8 +84,7 @@ def id_mask(ids, size: int) -> np.ndarray:
     return out
 
 
-def activation_dataset(config, model_path: str, instances, *, skip=None, threads: int | None = None,
-                       preserve_order: bool = False):
+def activation_dataset(config, model_path: str, instances, *, skip=None, threads: int | None = None):
     """The lazy activation-row dataset of `instances` — an `InputPlan` (streamed from the files) or a list of
     instance dicts — minus `skip` (ids, or a bool per id), and where it comes from ("model"/"cache")."""
     import ray.data
@@ -94,8 +93,6 @@ def activation_dataset(config, model_path: str, instances, *, skip=None, threads
 
     data = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if preserve_order:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
     streamed = isinstance(instances, InputPlan)
     size = instances.total if streamed else 1 + max((i["instance_id"] for i in instances), default=-1)
     skip_mask = id_mask(skip if skip is not None else [], size)
