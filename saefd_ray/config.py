@@ -492,12 +492,15 @@ def _check_paths(config: RunConfig, where: Callable[[str], str]) -> None:
         if src.path:  # absolute: Ray Train workers run in their own directory, where a relative path means nothing
             src.path = str(Path(src.path).expanduser().resolve())
     name = config.model.name_or_path
+    local = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or (  # "runs/my_model" with a runs/ here: a typo'd folder,
         "/" in name and Path(name.split("/")[0]).is_dir())  # not a hub id to ask the network about for a minute
-    if name != "tiny" and looks_local and not Path(name).expanduser().exists():
+    if not looks_local:  # "tiny", a named model, a hub id
+        return
+    if not local.exists():
         raise ConfigError(f"{where('model.name_or_path')}: {name} not found")
-    if looks_local and Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+    if local.is_dir() and not (local / "config.json").is_file():
         raise ConfigError(f"{where('model.name_or_path')}: {name}: no config.json (expected a Hugging Face model "
                           "folder, a .gguf file, a hub id, 'tiny' or a named model)")
-    if looks_local and not name.startswith("/"):  # the same for a model folder given relative to here
-        config.model.name_or_path = str(Path(name).expanduser().resolve())
+    if not name.startswith("/"):  # absolute: the same for a folder given relative to here
+        config.model.name_or_path = str(local.resolve())
