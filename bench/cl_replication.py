@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import (cli_path, exit_2_on_error, read_bench_config, read_yaml_file,  # noqa: E402
+from bench.common import (choice_list, cli_path, exit_2_on_error, read_bench_config, read_yaml_file,  # noqa: E402
                           resolve_repo_path, run_suite, write_suite)
 from bench.real_suite import run_real_suite  # noqa: E402
 from saefd_ray.errors import ArgumentParser  # noqa: E402
@@ -88,16 +88,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --budget {args.budget}: is for --model {budget.get('model', 'bench')}")
     if args.model != "smollm2" and (args.report_only or args.sae_run):
         raise SystemExit("error: --report-only / --sae-run: only with --model smollm2")
-    methods = args.methods.split(",") if args.methods else None
-    orders = args.orders.split(",") if args.orders else None
-    unknown = [m for m in methods or [] if m not in bench_cfg["methods"]]
-    if unknown:
-        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; one of {', '.join(bench_cfg['methods'])}")
+    methods = choice_list(args.methods, "--methods", bench_cfg["methods"])
     preset = read_yaml_file(resolve_repo_path(bench_cfg["preset"]))
-    known_orders = [str(o) for o in preset["tasks"].get("orders", {})]
-    bad = [o for o in orders or [] if o not in known_orders]
-    if bad:
-        raise SystemExit(f"error: --orders: unknown {', '.join(bad)}; one of {', '.join(known_orders)}")
+    orders = choice_list(args.orders, "--orders", preset["tasks"].get("orders", {}))
     data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
     missing = [t["path"] for t in preset["tasks"]["sequence"] if t.get("path") and not (data_root / t["path"]).is_dir()]
     if missing and not args.report_only:  # before the base model is built or Ray starts

@@ -88,6 +88,24 @@ def read_bench_config(path: str) -> dict:
     return cfg
 
 
+def choice_list(text: str | None, flag: str, known) -> list[str] | None:
+    """A comma list given on the command line (None when not given), each name checked against `known`.
+
+    Spaces and empty entries (a trailing comma) are forgiven; an unknown name, or no name at all, is one `error:` line
+    naming the flag.
+    """
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = [str(k) for k in known]
+    if not names:
+        raise SystemExit(f"error: {flag} {text!r}: expected a comma list of names, one of {', '.join(known)}")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"error: {flag}: unknown {', '.join(unknown)}; one of {', '.join(known)}")
+    return names
+
+
 def read_json_file(path: str | Path, what: str) -> dict:
     """A JSON object written by one of our jobs; a missing or broken one is one `error:` line naming it."""
     try:
@@ -154,10 +172,27 @@ def run_yaml(preset: dict, budget: dict, method: dict, order: str, base: dict, b
         block["sae"] = {"path": base["sae"], "layer": base["layer"]}
     raw["method"] = block
     # the run dir is named by a hash of its settings: changing a budget starts fresh runs instead of tripping
-    # run_sequence's "written by a different config" check; unchanged settings resume
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:8]
+    # run_sequence's "written by a different config" check; unchanged settings resume. Paths enter the hash relative
+    # to the repository, so that every clone (and the committed report) names a run alike.
+    digest = hashlib.sha256(json.dumps(portable_paths(raw), sort_keys=True).encode()).hexdigest()[:8]
     raw["output"] = {"root": str(CACHE / "runs"),
                      "run_name": f"{bench}-{budget_name}-o{order}-{block['name']}-{digest}"}
+    return raw
+
+
+def repo_relpath(path: str) -> str:
+    """An absolute path written relative to the repository (`../shared/data`), the same on every clone; others as given
+    (a model name, an already relative path)."""
+    return os.path.relpath(path, REPO) if Path(path).is_absolute() else path
+
+
+def portable_paths(raw: dict) -> dict:
+    """`raw` with its paths (model, data root, SAE) written relative to the repository: what names a run."""
+    raw = copy.deepcopy(raw)
+    raw["model"]["name_or_path"] = repo_relpath(raw["model"]["name_or_path"])
+    raw["tasks"]["data_root"] = repo_relpath(raw["tasks"]["data_root"])
+    if "sae" in raw["method"]:
+        raw["method"]["sae"]["path"] = repo_relpath(raw["method"]["sae"]["path"])
     return raw
 
 
@@ -451,7 +486,8 @@ def heatmaps(suite: dict, stem: str) -> list[Path]:
 def write_outputs(suite: dict, stem: str, title: str, notes: list[str], per_task: bool = False,
                   sections: list[str] = ()) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suite = dict(suite, mean=mean_over_orders(suite))
+    base = {k: repo_relpath(v) if k in ("model", "sae") else v for k, v in suite.get("base", {}).items()}
+    suite = dict(suite, base=base, mean=mean_over_orders(suite))  # no machine's paths in a committed report
     json_path = RESULTS / f"{stem}.json"
     atomic_write_text(json_path, json.dumps(suite, indent=1))
     md_path = RESULTS / f"{stem}.md"

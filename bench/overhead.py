@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    specs = args.methods.split(",")
+    specs = [spec.strip() for spec in args.methods.split(",") if spec.strip()]
     if "seq_lora" not in specs:
         specs = ["seq_lora"] + specs
     names = [parse_spec(s)[0] for s in specs]

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import choice_list, exit_2_on_error  # noqa: E402
 from saefd_ray.sae import SAEConfig, build_sae  # noqa: E402
 from saefd_ray.sae.trainer import SAETrainer, TrainerConfig  # noqa: E402
 
@@ -121,6 +122,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+@exit_2_on_error
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -128,12 +130,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sae_step.json"))
     args = ap.parse_args()
+    archs = choice_list(args.archs, "--archs", ARCHS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(1234)
     x = torch.randn(N_TOK, D_IN) * 2.0 + 0.5  # the same tensor for every implementation
 
     results = {}
-    for arch in args.archs.split(","):
+    for arch in archs:
         impls = {"ours": ours(arch, x), "sae_lens": saelens(arch, x), "sparsify": sparsify(arch, x)}
         impls = {k: v for k, v in impls.items() if v is not None}
         times: dict[str, list[float]] = {k: [] for k in impls}

@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import make_base  # noqa: E402
-from bench.common import (cli_path, exit_2_on_error, read_bench_config,  # noqa: E402
+from bench.common import (choice_list, cli_path, exit_2_on_error, read_bench_config,  # noqa: E402
                           resolve_repo_path, run_suite, write_suite)
 from saefd_ray.errors import ArgumentParser  # noqa: E402
 
@@ -53,9 +53,7 @@ def main(argv=None) -> dict:
     if args.budget not in bench_cfg["budgets"]:
         raise SystemExit(f"error: --budget {args.budget!r}: not one of {', '.join(bench_cfg['budgets'])}")
     budget = bench_cfg["budgets"][args.budget]
-    unknown = [m for m in (args.methods.split(",") if args.methods else []) if m not in bench_cfg["methods"]]
-    if unknown:  # before the base model is built (minutes)
-        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; one of {', '.join(bench_cfg['methods'])}")
+    methods = choice_list(args.methods, "--methods", bench_cfg["methods"])  # before the base model is built
     data_root = cli_path(args.data_root) if args.data_root else resolve_repo_path(bench_cfg["data_root"])
     if not data_root.is_dir():
         raise SystemExit(f"error: --data-root {data_root}: not a folder (expected TRACE's task folders)")
@@ -63,7 +61,7 @@ def main(argv=None) -> dict:
     base = make_base.ensure(minutes=budget["base"]["minutes"], sae_tokens=budget["base"]["sae_tokens"])
     base_s = time.time() - began
     suite = run_suite("trace", resolve_repo_path(bench_cfg["preset"]), bench_cfg, args.budget, base, data_root,
-                      methods=args.methods.split(",") if args.methods else None,
+                      methods=methods,
                       on_run=lambda partial: write(partial, base_s, began))
     for path in write(suite, base_s, began):
         print(f"wrote {path.relative_to(REPO)}")

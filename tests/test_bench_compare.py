@@ -91,6 +91,26 @@ def test_run_yaml_applies_seed_lr_and_validation_and_names_runs_by_settings(tmp_
     assert run_yaml(*args)["output"]["run_name"] == raw0["output"]["run_name"]  # same settings: same (resumable) dir
 
 
+def test_a_run_is_named_alike_on_every_clone(tmp_path: Path, monkeypatch):
+    """Two clones side by side (their data beside them, their SAE in their own cache) name a run alike, so a
+    committed report's runs are kept by any clone; another data folder or SAE is another run."""
+    import bench.common as common
+
+    preset = {"model": {"name_or_path": "x"}, "tasks": {"sequence": [{"name": "a"}], "orders": {"1": ["a"]}}}
+    budget = {"max_train": 8, "max_test": 4}
+
+    def name(clone: str, data: str = "shared/data", sae: str = "bench/cache/sae/layer_3") -> str:
+        monkeypatch.setattr(common, "REPO", tmp_path / clone)
+        base = {"model": "smollm2-135m-instruct", "sae": str(tmp_path / clone / sae), "layer": 3}
+        raw = run_yaml(preset, budget, {"name": "sae_fd"}, "1", base, "cl4", "b", tmp_path / data)
+        assert raw["method"]["sae"]["path"] == base["sae"]  # the run itself reads the absolute path
+        return raw["output"]["run_name"]
+
+    assert name("main") == name("suite")
+    assert name("main") != name("main", data="other/data")
+    assert name("main") != name("main", sae="bench/cache/sae2/layer_3")
+
+
 def test_a_second_suite_on_the_same_cache_is_refused(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -214,6 +234,15 @@ def test_sae_sweep_finds_its_runs_under_set_output(tmp_path):
     assert done.returncode == 0 and (tmp_path / "sweep.v1.2.json").is_file() and (tmp_path / "sweep.v1.2.md").is_file()
 
 
+def test_a_comma_list_forgives_spaces_and_a_trailing_comma():
+    from bench.common import choice_list
+
+    assert choice_list(" seq_lora, sae_fd,", "--methods", ["sae_fd", "seq_lora"]) == ["seq_lora", "sae_fd"]
+    assert choice_list(None, "--methods", ["sae_fd"]) is None
+    with pytest.raises(SystemExit, match="^error: --orders: unknown 4; one of 1, 2$"):
+        choice_list("1,4", "--orders", [1, 2])
+
+
 @pytest.mark.parametrize("script, args, expected", [
     ("overhead.py", ["--config", "missing.yaml"], "error: missing.yaml"),
     ("overhead.py", ["--sae", "nowhere"], "error: --sae nowhere: expected an SAE folder"),
@@ -221,6 +250,9 @@ def test_sae_sweep_finds_its_runs_under_set_output(tmp_path):
     ("cl_replication.py", ["--data-root", "nowhere"], "error: --data-root"),  # not after building the base model
     ("cl_replication.py", ["--model", "smollm2", "--data-root", "nowhere"], "error: --data-root"),  # nor Ray
     ("cl_replication.py", ["--bogus"], "error: unrecognized arguments: --bogus"),
+    ("cl_replication.py", ["--methods", ","], "error: --methods ',': expected a comma list of names, one of seq_lora"),
+    ("cl_replication.py", ["--orders", "1,4"], "error: --orders: unknown 4; one of 1, 2, 3"),
+    ("sae_step.py", ["--archs", "gated,bogus"], "error: --archs: unknown bogus; one of standard"),
 ])
 def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, expected):
     done = _bench_cli(script, *args, cwd=tmp_path)
@@ -319,3 +351,20 @@ def test_a_fresh_checkout_rewrites_the_whole_report_from_its_records(tmp_path, m
     md = (tmp_path / "results" / "cl4_b.md").read_text()
     assert "| o1/sae_fd | b 0.07 (10.00) |" in md and "| sae_fd | 55.0 |" in md
     assert not (tmp_path / "cache" / "runs").exists()  # nothing trained, no run dir made
+
+
+def test_a_written_report_holds_no_machine_paths(tmp_path, monkeypatch):
+    import json
+
+    import bench.common as common
+    from bench.common import REPO, suite_dict, write_outputs
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    base = {"model": "smollm2-135m-instruct", "sae": str(REPO / "bench/cache/sae-x/layer_12"), "layer": 12,
+            "parameters": 134.5e6}
+    bench_cfg = {"budgets": {"b": {}}, "methods": {"seq_lora": {"name": "seq_lora"}}}
+    runs = {"o1/seq_lora": run("seq_lora", "1", 50.0, 50.0)}
+    write_outputs(suite_dict("cl4", "b", bench_cfg, ["seq_lora"], ["1"], base, runs), "s", "t", [])
+    written = json.loads((tmp_path / "s.json").read_text())["base"]
+    assert written["sae"] == "bench/cache/sae-x/layer_12" and written["model"] == "smollm2-135m-instruct"
+    assert base["sae"].startswith(str(REPO))  # the suite's own record (its runs read it) is left as it was
