@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout or a Ray working dir
 
-from saefd_ray.config import load_config  # noqa: E402
+from saefd_ray.config import errors_located, load_config  # noqa: E402
 from saefd_ray.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from saefd_ray.observe.console import configure as configure_console  # noqa: E402
 
@@ -37,7 +37,8 @@ def main(argv=None) -> dict:
     configure_console(args.verbose)
     from saefd_ray.train.sequence import run_sequence
 
-    return run_sequence(config)
+    with errors_located(args.config, args.overrides):  # a check that needs the model names the file or --set too
+        return run_sequence(config)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from saefd_ray.config import errors_located  # noqa: E402
 from saefd_ray.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from saefd_ray.observe.console import configure as configure_console  # noqa: E402
-from saefd_ray.stream.config import load_sae_config  # noqa: E402
+from saefd_ray.stream.config import SaeTrainConfig, load_sae_config  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "sae_offline.yaml"
 
@@ -43,7 +44,8 @@ def main(argv=None) -> dict:
     configure_console(args.verbose)
     from saefd_ray.stream.run import train_sae
 
-    return train_sae(config)
+    with errors_located(args.config, args.overrides, SaeTrainConfig):  # checks that need the model name their key too
+        return train_sae(config)
 
 
 if __name__ == "__main__":

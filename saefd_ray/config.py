@@ -7,6 +7,7 @@ one-line `ConfigError` naming the key (or file) and what was expected. Nothing d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -455,8 +456,29 @@ def validate(raw: dict, source: str | Callable[[str], str] = "config", schema: t
             message = "missing required key"
         elif "input" in first and first["type"] not in ("value_error",):
             message = f"{message} (got {first['input']!r})"
-        prefix = source(loc) if callable(source) else f"{source}: {loc}" if loc else source  # no loc: cross-key
+        if not loc and callable(source):  # a cross-key check: its message leads with the key to change
+            raise located(ConfigError(message), source, schema or RunConfig) from None
+        prefix = source(loc) if callable(source) else f"{source}: {loc}" if loc else source
         raise ConfigError(f"{prefix}: {message}") from None
+
+
+def located(err: ConfigError, where: Callable[[str], str], schema: type[BaseModel]) -> ConfigError:
+    """`err`, whose message leads with the bare config key it is about ("model.name_or_path: cannot load ..."), with
+    that key named as `where` names it: the file or the --set that gave it. Other errors are returned as they are."""
+    key, sep, rest = str(err).partition(": ")
+    if sep and " " not in key and key.split(".")[0] in schema.model_fields:
+        return type(err)(f"{where(key)}: {rest}")
+    return err
+
+
+@contextmanager
+def errors_located(path: str | Path | None, overrides: list[str], schema: type[BaseModel] | None = None):
+    """Around the driver's work after `load_config`: a check that needed the model or the data (a tokenizer, LoRA
+    target modules, an SAE's layer) names the file or the --set that gave its key, as load-time errors do."""
+    try:
+        yield
+    except ConfigError as err:
+        raise located(err, origin(path or DEFAULT_CONFIG, overrides), schema or RunConfig) from None
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -163,7 +163,38 @@ def test_tokenizer_without_chat_template_when_required(workspace, untrained_mode
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     root, base = workspace
     argv = sum([["--set", s] for s in base + [f"model.name_or_path={plain}", "model.require_chat_template=true"]], [])
-    assert "has no chat template, but one is required" in run_main(argv, capsys)
+    err = run_main(argv, capsys)  # a check that needed the tokenizer names the --set that chose the model
+    assert err.startswith(f"error: --set model.name_or_path: tokenizer of {str(plain)!r} has no chat template"), err
+
+
+def test_a_hub_id_the_hub_cannot_answer_is_one_line_at_once(workspace, capsys, monkeypatch):
+    """Asked once (no network in tests: HF's offline mode), not after transformers' retries (50 s without a network)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    root, base = workspace
+    err = run_main(sum([["--set", s] for s in base + ["model.name_or_path=nobody-here/no-such-model"]], []), capsys)
+    assert err.startswith("error: --set model.name_or_path: 'nobody-here/no-such-model' is not a local folder or in "
+                          "the HF cache, and the HF hub cannot be asked for it (") and "offline mode" in err, err
+
+
+def test_a_hub_id_in_the_hf_cache_is_used_without_asking_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from saefd_ray.config import ModelConfig
+    from saefd_ray.errors import ConfigError
+    from saefd_ray.models.loading import resolve_model_path
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    assert resolve_model_path(ModelConfig(name_or_path="org/cached")) == "org/cached"
+    with pytest.raises(ConfigError, match="'org/other' is not a local folder or in the HF cache"):
+        resolve_model_path(ModelConfig(name_or_path="org/other"))
 
 
 def _finished_run(config, inputs: dict) -> Path:

@@ -31,8 +31,14 @@ def test_sae_fd_zero3_two_tasks_and_resume(tmp_path, cache_dir, sae_folder):  # 
 
 
 @pytest.mark.parametrize("name", ["ewc", "l2", "lwf", "o_lora"])
-def test_weight_space_methods_refused_at_zero3(name):
-    with pytest.raises(ConfigError, match=rf"demo.yaml: distributed.zero_stage: 3 does not work with method {name}: "
-                                          r"it .* LoRA .*; use 2$"):
+def test_weight_space_methods_refused_at_zero3(name, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^--set distributed.zero_stage: 3 does not work with method {name}: "
+                                          r"it .* LoRA .*; use 2$"):  # named by the --set that gave the key
         load_config(None, ["distributed.zero_stage=3", f"method.name={name}"])
+    from saefd_ray.config import DEFAULT_CONFIG
+
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text(DEFAULT_CONFIG.read_text().replace("zero_stage: 2", "zero_stage: 3"))
+    with pytest.raises(ConfigError, match=rf"^{zero3}: distributed.zero_stage: 3 does not work"):  # or the file
+        load_config(zero3, [f"method.name={name}"])
     assert load_config(None, ["distributed.zero_stage=2", f"method.name={name}"]).method.name == name

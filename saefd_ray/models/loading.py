@@ -36,12 +36,31 @@ def resolve_model_path(model: ModelConfig, tokenizer_texts: list[str] | None = N
 
         return str(convert_gguf(name, gguf_folder(name, model.cache_dir)))
     if name != "tiny":
-        return name
+        return name if Path(name).expanduser().exists() else _hub_model(name)
     from saefd_ray.data.synthetic import corpus_text
     from saefd_ray.models.tiny import build_tiny_model
 
     texts = corpus_text() + list(tokenizer_texts or [])
     return str(build_tiny_model(model.tiny, texts, model.cache_dir))
+
+
+def _hub_model(name: str) -> str:
+    """A hub id, checked with one request (or found in the local HF cache) before transformers asks for it: an
+    unknown id or an unreachable hub would otherwise surface after transformers' retries, a minute later."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model.name_or_path: {name!r} is not a local folder, a named model (tiny, "
+                          f"smollm2-135m-instruct), a .gguf file or a model on the HF hub") from None
+    except Exception as err:  # noqa: BLE001 - network errors come from several libraries; each is the same answer
+        raise ConfigError(f"model.name_or_path: {name!r} is not a local folder or in the HF cache, and the HF hub "
+                          f"cannot be asked for it ({' '.join(str(err).split())[:200]})") from None
+    return name
 
 
 def load_tokenizer(path: str, require_chat_template: bool = False):
