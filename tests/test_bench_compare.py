@@ -253,6 +253,7 @@ def test_a_comma_list_forgives_spaces_and_a_trailing_comma():
     ("cl_replication.py", ["--methods", ","], "error: --methods ',': expected a comma list of names, one of seq_lora"),
     ("cl_replication.py", ["--orders", "1,4"], "error: --orders: unknown 4; one of 1, 2, 3"),
     ("sae_step.py", ["--archs", "gated,bogus"], "error: --archs: unknown bogus; one of standard"),
+    ("drift_by_layer.py", ["--runs", "nowhere"], "error: "),
 ])
 def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, expected):
     done = _bench_cli(script, *args, cwd=tmp_path)
@@ -368,3 +369,14 @@ def test_a_written_report_holds_no_machine_paths(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "s.json").read_text())["base"]
     assert written["sae"] == "bench/cache/sae-x/layer_12" and written["model"] == "smollm2-135m-instruct"
     assert base["sae"].startswith(str(REPO))  # the suite's own record (its runs read it) is left as it was
+
+
+def test_drift_is_the_token_mean_of_relative_residual_change():
+    import torch
+
+    from bench.drift_by_layer import drift
+
+    before = [[torch.tensor([[3.0, 4.0], [1.0, 0.0]])]]  # one instance, one layer, two tokens (norms 5 and 1)
+    after = [[torch.tensor([[3.0, 4.0], [1.0, 0.5]])]]  # token 1 moves by 0.5: relative 0.5; token 0 not at all
+    assert drift(before, after, 0) == pytest.approx(0.25)
+    assert drift(before, before, 0) == 0.0
