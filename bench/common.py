@@ -88,6 +88,19 @@ def read_bench_config(path: str) -> dict:
     return cfg
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (rounds, steps, threads), refused at parse time in the house's one line."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def choice_list(text: str | None, flag: str, known) -> list[str] | None:
     """A comma list given on the command line (None when not given), each name checked against `known`.
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CACHE, REPO, RESULTS, exit_2_on_error, read_json_file  # noqa: E402
+from bench.common import CACHE, REPO, RESULTS, exit_2_on_error, positive_int, read_json_file  # noqa: E402
 from saefd_ray.errors import ArgumentParser  # noqa: E402
 from saefd_ray.io import atomic_write_text  # noqa: E402
 
@@ -43,6 +43,10 @@ def run_dirs(keys: list[str]) -> list[Path]:
     missing = [k for k in keys if k not in runs]
     if missing:
         raise SystemExit(f"error: {REPORT}: no run {missing[0]}")
+    for key in keys:
+        if not (REPO / runs[key]["run_dir"] / "config.json").is_file():
+            raise SystemExit(f"error: {runs[key]['run_dir']}: the report's {key} run is not in this clone's cache; "
+                             f"run `bench/cl_replication.py --model smollm2` first, or name run dirs with --runs")
     return [REPO / runs[k]["run_dir"] for k in keys]
 
 
@@ -142,7 +146,7 @@ def main(argv=None) -> dict:
                         + ", ".join(DEFAULT_RUNS) + ")")
     parser.add_argument("--anchors-from", default=None, help="an sae_fd run dir whose stored anchors are read "
                         "(default: the first of --runs that is an sae_fd run)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "drift_by_layer"))
     args = parser.parse_args(argv)
     dirs = [Path(p).resolve() for p in args.runs] if args.runs else run_dirs(list(DEFAULT_RUNS))

@@ -32,6 +32,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from saefd_ray.errors import ArgumentParser  # noqa: E402
+from bench.common import positive_int  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -45,11 +47,11 @@ CL_TASKS = ("agnews", "amazon", "dbpedia", "yelp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "configs" / "sae_smollm2.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--tokens", type=int, help="token budget of every SAE (default: the config's training.tokens)")
-    p.add_argument("--block-len", type=int, default=1024, help="BT block length in tokens")
+    p.add_argument("--tokens", type=positive_int, help="token budget of every SAE (default: the config's training.tokens)")
+    p.add_argument("--block-len", type=positive_int, default=1024, help="BT block length in tokens")
     p.add_argument("--archs", nargs="+", default=["standard", "jumprelu"])
     p.add_argument("--coefficient", action="append", default=[], metavar="ARCH=λ",
                    help="sparsity coefficient per architecture (default: the architecture's default)")

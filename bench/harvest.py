@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from saefd_ray.errors import ArgumentParser  # noqa: E402
+from bench.common import positive_int  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -157,9 +158,9 @@ def scaling_bench(steps: int = 40, d: int = 128, d_sae: int = 4096, local_batch:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=60)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=positive_int, default=1000)
+    parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "harvest.json"))
     args = parser.parse_args()
     harvest = harvest_bench(args.instances)

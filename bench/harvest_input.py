@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from saefd_ray.errors import ArgumentParser  # noqa: E402
+from bench.common import positive_int  # noqa: E402
 
 
 def generate(path: Path, n: int) -> Path:
@@ -117,9 +119,9 @@ def measure(path: Path, mode: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=1_000)
-    parser.add_argument("--large", type=int, default=1_000_000)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=positive_int, default=1_000)
+    parser.add_argument("--large", type=positive_int, default=1_000_000)
     parser.add_argument("--cache", default=str(REPO / "bench" / "cache" / "harvest_input"))
     parser.add_argument("--skip-old", action="store_true", help="do not measure the old in-memory input side")
     parser.add_argument("--plan-only", action="store_true",

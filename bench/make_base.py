@@ -20,7 +20,6 @@ re-running with the same settings reuses both.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -35,10 +34,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import CACHE, read_yaml_file, resolve_repo_path  # noqa: E402
+from bench.common import CACHE, positive_int, read_yaml_file, resolve_repo_path  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "base.yaml"
 
@@ -240,10 +240,10 @@ def ensure(config_path: Path = DEFAULT_CONFIG, minutes: float | None = None, sae
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--minutes", type=float, default=None, help="pre-training wall-clock budget (default: config)")
-    ap.add_argument("--sae-tokens", type=int, default=None, help="SAE token budget (default: config)")
+    ap.add_argument("--sae-tokens", type=positive_int, default=None, help="SAE token budget (default: config)")
     args = ap.parse_args(argv)
     info = ensure(Path(args.config), args.minutes, args.sae_tokens)
     print(json.dumps(info, indent=1))

@@ -24,7 +24,6 @@ Target (issue 5): SAE-FD ≤ 1.15× SeqLoRA (the paper reports 1.85×).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,9 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import exit_2_on_error  # noqa: E402
+from bench.common import exit_2_on_error, positive_int  # noqa: E402
 from saefd_ray.config import SaeSource, load_config  # noqa: E402
-from saefd_ray.errors import exit_on_user_error  # noqa: E402
+from saefd_ray.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from saefd_ray.data.render import collate, encode  # noqa: E402
 from saefd_ray.data.tasks import load_tasks  # noqa: E402
 from saefd_ray.methods import build_method  # noqa: E402
@@ -61,6 +60,39 @@ def parse_spec(spec: str) -> tuple[str, str, list[str]]:
         return label, label, []
     name, _, sets = rest.partition(":")
     return label, name, [s for s in sets.split(";") if s]
+
+
+def check_arguments(args) -> list[str]:
+    """The method specs (seq_lora first), each checked as the run config it becomes; `--set` keys and `--out` too.
+    Every problem is one `error:` line (exit 2) naming the flag, before anything loads or is written."""
+    from saefd_ray.methods import METHODS
+
+    specs = [spec.strip() for spec in args.methods.split(",") if spec.strip()]
+    if not specs:
+        raise SystemExit(f"error: --methods {args.methods!r}: expected a comma list of methods, one of "
+                         f"{', '.join(METHODS)}")
+    specs = specs if "seq_lora" in specs else ["seq_lora"] + specs
+    for spec in specs:
+        label, name, variant = parse_spec(spec)
+        if name not in METHODS:
+            raise SystemExit(f"error: --methods {spec}: unknown method {name!r}; one of {', '.join(METHODS)}")
+        for key in variant:
+            load_config(args.config, [f"method.name={name}", key], flags=[f"--methods {label}"] * 2)
+    for text in args.overrides:
+        prefix, sep, rest = text.partition(":")
+        if sep and "=" not in prefix:  # METHOD:method.x=v
+            if prefix not in METHODS:
+                raise SystemExit(f"error: --set {text}: unknown method {prefix!r}; one of {', '.join(METHODS)}")
+            load_config(args.config, [f"method.name={prefix}", rest], flags=["--set", "--set"])
+        elif not text.startswith(("training.", "lora.", "model.")):
+            raise SystemExit(f"error: --set {text}: expected training.x=v, lora.x=v, model.x=v or METHOD:method.x=v")
+        else:
+            load_config(args.config, [text])
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: --out {args.out}: cannot write there ({err.strerror or err})") from None
+    return specs
 
 
 def setup(spec: str, config_path: str | None, overrides: list[str], model_path: str, tasks, sae_dir: Path, layer: int,
@@ -124,14 +156,14 @@ def step(model, method, optimizer, batch) -> None:
 @exit_2_on_error
 @exit_on_user_error
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="run config (default configs/demo.yaml)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated; label=method:key=v;key=v defines a variant")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--d-sae", type=int, default=None, help="random SAE's width (default 8 × hidden)")
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--d-sae", type=positive_int, default=None, help="random SAE's width (default 8 × hidden)")
     parser.add_argument("--sae", default=None, help="a trained SAE folder (SAELens layout), used at the layer its "
                         "metadata names; default: a random Gated SAE at mid-depth")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -139,10 +171,8 @@ def main(argv=None) -> dict:
                              "(e.g. sae_fd:method.anchor_batch=2; model.tiny.hidden_size=512 for a wider model)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead.json"))
     args = parser.parse_args(argv)
+    specs = check_arguments(args)  # every typo, before the model loads and before --out is touched
     torch.set_num_threads(args.threads)
-    specs = [spec.strip() for spec in args.methods.split(",") if spec.strip()]
-    if "seq_lora" not in specs:
-        specs = ["seq_lora"] + specs
     names = [parse_spec(s)[0] for s in specs]
 
     base_cfg = load_config(args.config, [o for o in args.overrides if o.startswith(("training.", "lora.", "model."))])

@@ -16,7 +16,6 @@ every numeric field whose name says ratio / speedup / scaling / efficiency (the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
@@ -26,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO))
+from bench.common import positive_int  # noqa: E402
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 
 WIDE_MODEL = ["--set", "model.tiny.hidden_size=512", "--set", "model.tiny.intermediate_size=1376",
               "--set", "model.tiny.num_heads=8", "--set", "model.tiny.num_layers=8"]
@@ -83,10 +85,10 @@ def run_bench(script: Path, args: list[str], timeout: int) -> dict:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-run", action="store_true", help="only read existing results")
     ap.add_argument("--full", action="store_true", help="run the benchmarks with their own defaults")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark")
+    ap.add_argument("--timeout", type=positive_int, default=1800, help="seconds per benchmark")
     ap.add_argument("--out", default=str(RESULTS / "perf.md"))
     args = ap.parse_args(argv)
 

@@ -55,6 +55,9 @@ def ensure_sae(sae_run: Path | None, data_root: Path, log=print) -> dict:
     layer = cfg["layers"][0]
     if sae_run:
         run_dir = sae_run
+        if not (run_dir / "sae_report.json").is_file():
+            raise SystemExit(f"error: --sae-run {run_dir}: expected a finished jobs/train_sae.py run (its "
+                             f"sae_report.json), found none")
     else:
         digest = hashlib.sha256(SAE_CONFIG.read_bytes()).hexdigest()[:8]
         run_dir = CACHE / f"sae-smollm2-{digest}"

@@ -17,7 +17,6 @@ What each "step" contains (all include forward, loss, backward, optimizer.step, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import choice_list, exit_2_on_error  # noqa: E402
+from bench.common import choice_list, exit_2_on_error, positive_int  # noqa: E402
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 from saefd_ray.sae import SAEConfig, build_sae  # noqa: E402
 from saefd_ray.sae.trainer import SAETrainer, TrainerConfig  # noqa: E402
 
@@ -124,13 +124,17 @@ def timed(fn) -> float:
 
 @exit_2_on_error
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--archs", default=",".join(ARCHS))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sae_step.json"))
     args = ap.parse_args()
     archs = choice_list(args.archs, "--archs", ARCHS)
+    try:  # before minutes of timing, not after
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: --out {args.out}: cannot write there ({err.strerror or err})") from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(1234)
     x = torch.randn(N_TOK, D_IN) * 2.0 + 0.5  # the same tensor for every implementation

@@ -17,7 +17,6 @@ the clean model; if none reaches it, the smallest coefficient tried. Writes benc
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import cli_path, exit_2_on_error, read_json_file, read_yaml_file, resolve_repo_path  # noqa: E402
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 from saefd_ray.io import atomic_write_text  # noqa: E402
 
 CE_FLOOR = 0.90
@@ -73,7 +73,7 @@ def markdown(config: str, rows: list[dict], chosen: dict | None) -> str:
 
 @exit_2_on_error
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "sae_smollm2.yaml"))
     ap.add_argument("--coefficients", nargs="+", type=float, default=[2.0, 5.0])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

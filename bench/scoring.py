@@ -17,7 +17,6 @@ script never fetches it. The data are read from `--data-root`, never copied.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,7 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import positive_int  # noqa: E402
 from saefd_ray.config import load_config  # noqa: E402
+from saefd_ray.errors import ArgumentParser  # noqa: E402
 from saefd_ray.data.render import prompt_ids  # noqa: E402
 from saefd_ray.data.tasks import load_tasks  # noqa: E402
 from saefd_ray.eval.scoring import option_scores  # noqa: E402
@@ -54,10 +55,10 @@ class FullLogits(torch.nn.Module):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--per-task", type=int, default=16, help="test prompts per task (4 tasks)")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--per-task", type=positive_int, default=16, help="test prompts per task (4 tasks)")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scoring.json"))
     args = parser.parse_args(argv)

@@ -53,7 +53,8 @@ class LoraConfig(Strict):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1, description="module names LoRA wraps (each must match one)")
 
 
 Metric = Literal["accuracy", "first_letter", "options", "rouge_l", "edit_sim", "sari"]
@@ -119,7 +120,8 @@ class TasksConfig(Strict):
         if self.order is None:
             return self
         if self.order not in self.orders:
-            raise ValueError(f"order {self.order!r} is not one of orders: {', '.join(self.orders) or '(none)'}")
+            named = f"one of tasks.orders: {', '.join(self.orders)}" if self.orders else "named: tasks.orders is empty"
+            raise ValueError(f"order {self.order!r} is not {named} (a named order lists the task names in turn)")
         by_name = {task.name: task for task in self.sequence}
         wanted = self.orders[self.order]
         if sorted(wanted) != sorted(by_name):
@@ -415,7 +417,7 @@ def read_yaml(path: Path) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
     if raw is None:
-        raw = {}
+        raise ConfigError(f"{path}: empty; expected a YAML mapping (configs/ has examples)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw

@@ -58,8 +58,6 @@ def check_lora(config: RunConfig, model_path: str) -> None:
 
     names, model = module_names(model_path)
     targets = list(config.lora.target_modules)
-    if not targets:
-        raise ConfigError("lora.target_modules: empty; name at least one module (e.g. q_proj)")
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
     for target in targets:
         if not any(matches(n, target) for n in names):

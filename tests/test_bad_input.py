@@ -97,7 +97,7 @@ CASES = [
                                   "{name: a, format: synthetic, generator: rule_b}]"], "duplicate task name 'a'"),
     ("model path missing", {}, ["model.name_or_path=/no/such/model"], "model.name_or_path: /no/such/model not found"),
     ("bad --set", {}, ["training.epochs"], "expected key.sub=value"),
-    ("unknown order", {}, ["tasks.order=7"], "order '7' is not one of orders"),
+    ("unknown order", {}, ["tasks.order=7"], "--set tasks.order: tasks: order '7' is not"),
     ("zero stage 1", {}, ["distributed.zero_stage=1"], "distributed.zero_stage"),
     ("elastic workers reversed", {}, ["distributed.num_workers=[3, 1]"], "num_workers must be >= 1"),
     # issue 17: what a worker would build is built on the driver first

@@ -183,7 +183,7 @@ def test_an_sae_run_of_another_model_or_a_broken_report_is_refused(tmp_path):
 
     run = tmp_path / "sae_tiny"
     run.mkdir()
-    with pytest.raises(SystemExit, match=r"^error: .*sae_report.json: not found; expected a finished"):
+    with pytest.raises(SystemExit, match=rf"^error: --sae-run {run}: expected a finished jobs/train_sae.py run"):
         ensure_sae(run, tmp_path)
     (run / "sae_report.json").write_text("{broken")
     with pytest.raises(SystemExit, match=r"^error: .*sae_report.json: expected a finished .* \(unreadable: "):

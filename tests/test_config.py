@@ -50,11 +50,12 @@ def test_override_into_list_item(tmp_path):
         (MINIMAL, ["method.name=nope"], "method"),
         (MINIMAL, ["distributed.zero_stage=1"], "distributed.zero_stage"),
         ("model: {name_or_path: tiny}\n", [], "tasks: missing required key"),
+        ("# nothing yet\n", [], "run.yaml: empty; expected a YAML mapping"),
         (MINIMAL + "    - {name: a, format: synthetic, generator: rule_b}\n", [], "duplicate task name 'a'"),
         ("tasks:\n  sequence:\n    - {name: a, format: trace}\n", [], "format 'trace' needs 'path'"),
         ("tasks:\n  sequence:\n    - {name: a, format: trace, path: /nonexistent/x}\n", [], "/nonexistent/x not found"),
         (MINIMAL + "model: {name_or_path: ./no/such/model}\n", [], "model.name_or_path: ./no/such/model not found"),
-        (MINIMAL, ["tasks.order=2"], "order '2' is not one of orders"),
+        (MINIMAL, ["tasks.order=2"], "order '2' is not named: tasks.orders is empty"),
         (MINIMAL, ["method.name=sae_fd", "method.sae.path=/no/such/sae"], "method.sae.path: /no/such/sae not found"),
     ],
 )

@@ -59,6 +59,10 @@ def test_shipped_spaces_load_and_translate():
     assert isinstance(param_space(ratio)["method.rho"], Categorical)
     grid = param_space(load_sweep(REPO / "tune_spaces" / "contribution_ratio.yaml"))["method.rho"]
     assert grid == {"grid_search": [0.05, 0.1, 0.15, 0.25, 0.4]}
+    # --tune-set replaces one parameter's distribution, written either way
+    for override in ("space.method.rho.grid=[0.1,0.2]", "space.method.rho={grid: [0.1, 0.2]}"):
+        swept = load_sweep(REPO / "tune_spaces" / "contribution_ratio.yaml", [override])
+        assert param_space(swept)["method.rho"] == {"grid_search": [0.1, 0.2]}, override
 
 
 def test_sweep_file_errors(tmp_path):

@@ -52,7 +52,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from saefd_ray.config import Strict, apply_overrides, load_config, origin, parse_override, read_yaml, validate
+from saefd_ray.config import (RunConfig, Strict, apply_overrides, load_config, located, origin, parse_override, read_yaml,
+                              validate)
 from saefd_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -146,16 +147,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     """Read a sweep YAML, apply `--tune-set` overrides, validate; every failure is a one-line ConfigError.
 
     Parameter names contain dots, so `space.<param>.<distribution>=VALUE` replaces that parameter's whole
-    distribution, e.g. `space.method.rho.grid=[0.1,0.2]`; other keys are plain dotted overrides.
+    distribution, e.g. `space.method.rho.grid=[0.1,0.2]`, and `space.<param>={distribution: VALUE}` does the same
+    (`space.method.rho={grid: [0.1, 0.2]}`); other keys are plain dotted overrides.
     """
     path = Path(path)
     raw = read_yaml(path)
     plain = []
     for text in overrides or []:
         keys, value = parse_override(text)
-        if keys[0] == "space" and len(keys) >= 3:  # space.<dotted param>.<distribution>=[...]: replaces its spec
-            if not isinstance(raw.get("space"), dict):
-                raw["space"] = {}
+        if keys[0] == "space" and len(keys) >= 2 and isinstance(value, dict):  # space.<param>={grid: [...]}
+            raw["space"] = raw["space"] if isinstance(raw.get("space"), dict) else {}
+            raw["space"][".".join(keys[1:])] = value
+        elif keys[0] == "space" and len(keys) >= 3:  # space.<dotted param>.<distribution>=[...]: replaces its spec
+            raw["space"] = raw["space"] if isinstance(raw.get("space"), dict) else {}
             raw["space"][".".join(keys[1:-1])] = {keys[-1]: value}
         else:
             plain.append(text)
@@ -192,12 +196,16 @@ def base_raw_config(sweep: SweepConfig, config_path: str | None = None, extra: l
     path = resolve_base_config(sweep, config_path)
     overrides = [*sweep.base.set, *(extra or [])]
     flags = ["the sweep's base.set"] * len(sweep.base.set) + ["--set"] * len(extra or [])
-    load_config(path, overrides, flags)  # the base itself must be valid (paths included)
+    config = load_config(path, overrides, flags)  # the base itself must be valid (paths included)
     raw = apply_overrides(read_yaml(path), overrides)
     for key, spec in sweep.space.items():
         for value in candidate_values(spec):
             validate(apply_overrides(copy.deepcopy(raw), param_overrides({key: value})),
                      source=lambda loc, key=key, value=value: f"space {key}={value!r}: {loc}")
+    try:
+        check_sae_sources(config)
+    except ConfigError as err:  # named by the file or the --set / base.set that gave its key
+        raise located(err, origin(path, overrides, flags), RunConfig) from None
     return raw
 
 
@@ -352,6 +360,9 @@ def init_ray_for_sweep(run_raw: dict) -> None:
 def run_sweep(sweep: SweepConfig, config_path: str | None = None, overrides: list[str] | None = None,
               verbose: int | None = None) -> dict:
     """Run (or resume) the sweep and write its results; returns the summary (see results.write_results)."""
+    base_raw = base_raw_config(sweep, config_path, overrides)  # first: a typo is one line in a second, not after Ray
+    base = validate(copy.deepcopy(base_raw))
+
     import ray
     from ray import tune
 
@@ -360,9 +371,6 @@ def run_sweep(sweep: SweepConfig, config_path: str | None = None, overrides: lis
     from saefd_ray.tune.console import TrialLines
     from saefd_ray.tune.results import write_results
 
-    base_raw = base_raw_config(sweep, config_path, overrides)
-    base = validate(copy.deepcopy(base_raw))
-    check_sae_sources(base)
     joint = getattr(METHODS.get(base.method.name), "joint_training", False)
     stages = 1 if joint else len(base.tasks.sequence)
     exp_dir = sweep.experiment_dir
