@@ -188,7 +188,8 @@ def write_markdown(path: Path, result: dict) -> None:
     s = result["settings"]
     lines = ["# FAST vs block training (BT) on a real instruct model", "",
              f"{s['model_name']}, residual stream after layer {s['layer']}, {s['d_sae']} latents "
-             f"({s['d_sae'] // s['d_in']}×), {s['tokens']:,} training tokens per SAE, BT blocks of {s['block_len']}, "
+             f"({s['d_sae'] // s['d_in']}×), {s['tokens']:,} training tokens per SAE ({-(-s['tokens'] // s['batch_size']):,} "
+             f"optimizer steps of {s['batch_size']:,} tokens), BT blocks of {s['block_len']}, "
              f"normalize_activations {s['normalize_activations']}, attention sinks (norm > {s['sink_norm_ratio']} × "
              f"median) excluded. Evaluated on {s['eval_instances']} held-out chat instances, each alone in its "
              "template. log2 MSE: FAST eq. 7 (lower is better); _st: special tokens only.", "",
@@ -260,7 +261,7 @@ def _main(argv=None) -> dict:
     result = {"paper": PAPER, "harvest": {}, "results": {}, "settings": {
         "model_name": base.model.name_or_path, "layer": base.layers[0], "d_in": d_in,
         "d_sae": base.sae.width or base.sae.expansion * d_in, "tokens": tokens, "block_len": args.block_len,
-        "archs": args.archs, "coefficients": coefficients, "normalize_activations": base.sae.normalize_activations,
+        "batch_size": base.training.batch_size, "archs": args.archs, "coefficients": coefficients, "normalize_activations": base.sae.normalize_activations,
         "sink_norm_ratio": base.data.sink_norm_ratio, "eval_instances": len(held), "max_len": base.data.max_len}}
     out = Path(args.out)
     for mode, instances in feeds.items():
